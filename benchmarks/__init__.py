@@ -1,0 +1,1 @@
+"""nbflash benchmarks: ``python -m benchmarks <what>`` from the repository root."""

@@ -1,0 +1,132 @@
+"""Kernel configurations, as data.
+
+A configuration fixes everything that is compiled into a kernel: tile sizes,
+threads per block, the head-dim bucket and the element type. ``select_*`` pick one
+for a call; the tables record the choice per head-dim bucket. Shared-memory use is
+computed here, from the same layout the kernels use, so that a table entry that does
+not fit is caught before any compile (``check_fits``).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Head dims are rounded up to one of these; the kernels zero-pad the rest.
+HEAD_DIM_BUCKETS = (32, 64, 128, 256)
+MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
+
+#: Opt-in shared-memory limit per block on sm_80/sm_90 (H100: 232448 bytes).
+MAX_SHARED_BYTES = 232448
+DEFAULT_SHARED_BYTES = 48 * 1024
+
+#: Storage type the kernels see for each supported input dtype name, and the type
+#: they accumulate in. bfloat16 travels as its raw 16 bits.
+STORAGE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32,
+           "float64": np.float64}
+ACCUMULATOR = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32,
+               "float64": np.float64}
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Compile-time shape of one kernel.
+
+    ``block_m`` query rows and ``block_n`` keys per tile; ``threads`` per block,
+    arranged as ``threads // thread_cols`` rows by ``thread_cols`` columns when a
+    block computes a tile; ``head_dim`` is the head-dim bucket (padded size).
+    """
+    block_m: int
+    block_n: int
+    head_dim: int
+    threads: int
+    thread_cols: int = 16
+
+    @property
+    def thread_rows(self):
+        return self.threads // self.thread_cols
+
+    def check(self):
+        tm = self.thread_rows
+        if self.threads % self.thread_cols or self.threads > 1024:
+            raise ValueError(f"bad thread layout in {self}")
+        for size, per in ((self.block_m, tm), (self.block_n, tm), (self.block_n, self.thread_cols),
+                          (self.head_dim, self.thread_cols)):
+            if size % per:
+                raise ValueError(f"{size} is not divisible by {per} in {self}")
+        if self.block_m > self.threads:
+            raise ValueError(f"one thread per query row needs block_m <= threads in {self}")
+
+
+# Padded row strides: one extra element per row keeps threads of a warp that read a
+# column of a tile in distinct shared-memory banks.
+def padded(n):
+    return n + 1
+
+
+def forward_shared_elements(cfg):
+    """Elements of shared memory the SIMT forward kernel uses (see kernels/forward.py)."""
+    row = padded(cfg.head_dim)
+    return (cfg.block_m * row + 2 * cfg.block_n * row
+            + cfg.block_m * padded(cfg.block_n) + 3 * cfg.block_m)
+
+
+def backward_shared_elements(cfg):
+    """Elements of shared memory the SIMT backward kernel uses (see kernels/backward.py)."""
+    row = padded(cfg.head_dim)
+    return (2 * cfg.block_n * row + 2 * cfg.block_m * row
+            + 2 * cfg.block_m * padded(cfg.block_n) + 2 * cfg.block_m)
+
+
+# SIMT tiles per head-dim bucket, for 4-byte and 8-byte accumulators. Chosen to keep
+# per-thread accumulators at <= 64 values and shared memory under the opt-in limit.
+FORWARD_TILES = {
+    4: {32: TileConfig(64, 64, 32, 128), 64: TileConfig(64, 64, 64, 128),
+        128: TileConfig(64, 32, 128, 128), 256: TileConfig(32, 32, 256, 128)},
+    8: {32: TileConfig(64, 64, 32, 128), 64: TileConfig(64, 32, 64, 128),
+        128: TileConfig(32, 32, 128, 128), 256: TileConfig(32, 32, 256, 128)},
+}
+BACKWARD_TILES = {
+    4: {32: TileConfig(64, 64, 32, 128), 64: TileConfig(64, 64, 64, 128),
+        128: TileConfig(32, 64, 128, 256), 256: TileConfig(32, 32, 256, 256)},
+    8: {32: TileConfig(64, 64, 32, 128), 64: TileConfig(32, 64, 64, 128),
+        128: TileConfig(32, 32, 128, 256), 256: TileConfig(16, 16, 256, 256)},
+}
+
+# The CUDA simulator runs one OS thread per CUDA thread: small tiles and few threads
+# keep CI fast, and small tiles exercise the multi-tile and partial-tile paths at the
+# tiny sizes the simulator can afford.
+SIMULATOR_TILE = {d: TileConfig(16, 16, d, 32) for d in HEAD_DIM_BUCKETS}
+
+
+def head_dim_bucket(head_dim):
+    for bucket in HEAD_DIM_BUCKETS:
+        if head_dim <= bucket:
+            return bucket
+    raise ValueError(f"head_dim {head_dim} is over {MAX_HEAD_DIM}")
+
+
+def select_forward(dtype_name, head_dim, simulator=False):
+    bucket = head_dim_bucket(head_dim)
+    if simulator:
+        return SIMULATOR_TILE[bucket]
+    return FORWARD_TILES[np.dtype(ACCUMULATOR[dtype_name]).itemsize][bucket]
+
+
+def select_backward(dtype_name, head_dim, simulator=False):
+    bucket = head_dim_bucket(head_dim)
+    if simulator:
+        return SIMULATOR_TILE[bucket]
+    return BACKWARD_TILES[np.dtype(ACCUMULATOR[dtype_name]).itemsize][bucket]
+
+
+def shared_bytes(elements, dtype_name):
+    return elements * np.dtype(ACCUMULATOR[dtype_name]).itemsize
+
+
+def check_fits(cfg, elements, dtype_name):
+    """Raise if ``cfg`` is malformed or needs more shared memory than a block can have."""
+    cfg.check()
+    nbytes = shared_bytes(elements, dtype_name)
+    if nbytes > MAX_SHARED_BYTES:
+        raise ValueError(f"{cfg} needs {nbytes} bytes of shared memory for {dtype_name}, "
+                         f"over {MAX_SHARED_BYTES}")
+    return nbytes

@@ -1,0 +1,1 @@
+"""Kernel factories: each ``build_*`` function compiles one kernel per configuration."""

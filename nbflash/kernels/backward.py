@@ -1,0 +1,249 @@
+"""FlashAttention backward pass, SIMT version (plain CUDA cores, any dtype).
+
+Follows ``reference/tiled.py::flash_backward`` (FlashAttention-2, Dao 2023, Alg. 2).
+The N x N probabilities are recomputed tile by tile from Q, K and the forward's lse,
+never stored. With P = softmax(S), dP = dO V^T and Delta_i = sum_j P_ij dP_ij:
+
+    dV = P^T dO        dS = P * (dP - Delta)        dQ = scale dS K      dK = scale dS^T Q
+
+and Delta_i = sum_j P_ij (dO_i . V_j) = dO_i . O_i, a cheap per-row dot product.
+Three kernels:
+
+1. ``preprocess``: Delta = rowsum(dO * O); zeroes the float32 dQ accumulator.
+2. ``main``: one block per (key tile, kv head, batch) keeps K_j, V_j in shared memory
+   and dK_j, dV_j in registers, and loops over the query heads of its GQA group and
+   the query tiles that see the key tile. dK and dV are owned by exactly one block,
+   so they are written once, without atomics. dQ_i gets a contribution from every
+   key tile; these are added into the accumulator with float32 atomics (float64 for
+   float64 inputs). Atomics keep the work in one pass over S (a separate dQ pass
+   would recompute S and dP, 40% more arithmetic); the price is that dQ's summation
+   order, and so its last bits, vary from run to run.
+3. ``convert``: dQ accumulator -> dQ in the input dtype (not needed for float32 and
+   float64, whose accumulator is the output).
+"""
+import functools
+import math
+
+from numba import cuda, from_dtype
+
+from .. import ops
+from ..config import ACCUMULATOR, TileConfig, backward_shared_elements, padded
+from .common import (LOG2E, NEG_INF, device, element_codec, make_row_loader,
+                     make_tile_loader, query_tile_range, tile_needs_mask)
+
+#: Threads per block of the two elementwise kernels.
+ROW_THREADS = 128
+
+
+@functools.lru_cache(maxsize=None)
+def build_preprocess(dtype_name: str):
+    """``preprocess(dout, out, delta, dq_accum)``: delta[b, h, i] = dO_i . O_i and
+    dq_accum[b, i, h, :] = 0. Grid ``(ceil(seqlen_q / ROW_THREADS), nheads, batch)``,
+    one thread per query row."""
+    ACC_SCALAR = ACCUMULATOR[dtype_name]
+    to_acc, _ = element_codec(dtype_name)
+    SALT = ops.SOURCE_SALT
+
+    @cuda.jit(**ops.jit_options(cache=True))
+    def preprocess(dout, out, delta, dq_accum):
+        _ = SALT  # noqa: F841
+        row = cuda.blockIdx.x * ROW_THREADS + cuda.threadIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        if row >= out.shape[1]:
+            return
+        total = ACC_SCALAR(0.0)
+        for d in range(out.shape[3]):
+            total += to_acc(dout[b, row, h, d]) * to_acc(out[b, row, h, d])
+            dq_accum[b, row, h, d] = 0.0
+        delta[b, h, row] = total
+
+    return preprocess
+
+
+@functools.lru_cache(maxsize=None)
+def build_convert(dtype_name: str):
+    """``convert(src, dst)``: dst = src in the input dtype, elementwise over
+    (batch, seqlen, heads, head_dim). Grid ``(ceil(seqlen / ROW_THREADS), heads, batch)``."""
+    _, from_acc = element_codec(dtype_name)
+    SALT = ops.SOURCE_SALT
+
+    @cuda.jit(**ops.jit_options(cache=True))
+    def convert(src, dst):
+        _ = SALT  # noqa: F841
+        row = cuda.blockIdx.x * ROW_THREADS + cuda.threadIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        if row >= src.shape[1]:
+            return
+        for d in range(src.shape[3]):
+            dst[b, row, h, d] = from_acc(src[b, row, h, d])
+
+    return convert
+
+
+@functools.lru_cache(maxsize=None)
+def build_backward(cfg: TileConfig, dtype_name: str, causal: bool):
+    """The main backward kernel
+    ``(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2)``.
+
+    Launch with grid ``(ceil(seqlen_k / block_n), nheads_k, batch)``, ``cfg.threads``
+    threads and ``backward_shared_elements(cfg)`` accumulator-sized elements of
+    dynamic shared memory.
+    """
+    BM, BN, D, NT, TN = cfg.block_m, cfg.block_n, cfg.head_dim, cfg.threads, cfg.thread_cols
+    TM = cfg.thread_rows
+    RM, RN, RD = BM // TM, BN // TN, D // TN   # per thread: S rows, S columns, head-dim columns
+    RK = BN // TM                              # per thread: dK/dV rows
+    ROW, SROW = padded(D), padded(BN)
+    ACC = from_dtype(ACCUMULATOR[dtype_name])   # Numba type, for shared/local arrays
+    CAUSAL = causal
+    SALT = ops.SOURCE_SALT
+
+    OFF_K = 0
+    OFF_V = OFF_K + BN * ROW
+    OFF_Q = OFF_V + BN * ROW
+    OFF_DO = OFF_Q + BM * ROW
+    OFF_P = OFF_DO + BM * ROW
+    OFF_DS = OFF_P + BM * SROW
+    OFF_LSE = OFF_DS + BM * SROW
+    OFF_DELTA = OFF_LSE + BM
+    assert OFF_DELTA + BM == backward_shared_elements(cfg)
+
+    to_acc, from_acc = element_codec(dtype_name)
+    load_kv = make_tile_loader(BN, D, NT, to_acc)
+    load_q = make_tile_loader(BM, D, NT, to_acc)
+    load_rows = make_row_loader(BM, NT)
+
+    def probabilities(p_tile, ds_tile, q_tile, k_tile, v_tile, do_tile, lse_row, delta_row,
+                      m0, n0, seqlen_q, seqlen_k, head_dim, scale_log2, masked, ty, tx):
+        """P = exp2(S * scale_log2 - lse * log2 e) and dS = P (dO V^T - Delta), for this
+        thread's RM x RN entries. Masked entries and rows with lse = -inf give P = 0."""
+        s = cuda.local.array((RM, RN), ACC)
+        dp = cuda.local.array((RM, RN), ACC)
+        for i in range(RM):
+            for j in range(RN):
+                s[i, j] = 0.0
+                dp[i, j] = 0.0
+        for d in range(head_dim):
+            for i in range(RM):
+                qv = q_tile[ty + TM * i, d]
+                dov = do_tile[ty + TM * i, d]
+                for j in range(RN):
+                    s[i, j] += qv * k_tile[tx + TN * j, d]
+                    dp[i, j] += dov * v_tile[tx + TN * j, d]
+        for i in range(RM):
+            r = ty + TM * i
+            lse_log2 = lse_row[r] * LOG2E
+            for j in range(RN):
+                c = tx + TN * j
+                visible = lse_log2 != NEG_INF
+                if masked:
+                    key = n0 + c
+                    if key >= seqlen_k or (CAUSAL and key > m0 + r + seqlen_k - seqlen_q):
+                        visible = False
+                # fma: one rounding of S c - lse log2(e), relative to the (small) result.
+                p = math.exp2(cuda.fma(s[i, j], scale_log2, -lse_log2)) if visible else 0.0
+                p_tile[r, c] = p
+                ds_tile[r, c] = p * (dp[i, j] - delta_row[r])
+
+    def accumulate_dk_dv(dk, dv, p_tile, ds_tile, q_tile, do_tile, ty, tx):
+        """dV += P^T dO and dK += dS^T Q for this thread's RK x RD entries."""
+        for r in range(BM):
+            for j in range(RD):
+                c = tx + TN * j
+                qv = q_tile[r, c]
+                dov = do_tile[r, c]
+                for i in range(RK):
+                    n = ty + TM * i
+                    dv[i, j] += p_tile[r, n] * dov
+                    dk[i, j] += ds_tile[r, n] * qv
+
+    def add_dq(dq_accum, ds_tile, k_tile, b, m0, h, seqlen_q, head_dim, scale, ty, tx):
+        """dQ_i += scale dS K_j, added into the accumulator with atomics."""
+        part = cuda.local.array((RM, RD), ACC)
+        for i in range(RM):
+            for j in range(RD):
+                part[i, j] = 0.0
+        for n in range(BN):
+            for i in range(RM):
+                dsv = ds_tile[ty + TM * i, n]
+                for j in range(RD):
+                    part[i, j] += dsv * k_tile[n, tx + TN * j]
+        for i in range(RM):
+            row = m0 + ty + TM * i
+            if row < seqlen_q:
+                for j in range(RD):
+                    c = tx + TN * j
+                    if c < head_dim:
+                        cuda.atomic.add(dq_accum, (b, row, h, c), part[i, j] * scale)
+
+    probabilities_d = device(probabilities)
+    dk_dv_d = device(accumulate_dk_dv)
+    add_dq_d = device(add_dq)
+
+    @cuda.jit(**ops.jit_options(cache=True))
+    def backward(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2):
+        _ = SALT  # noqa: F841
+        n_block = cuda.blockIdx.x
+        h_kv = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        ty = tid // TN
+        tx = tid - ty * TN
+        seqlen_q = q.shape[1]
+        seqlen_k = k.shape[1]
+        head_dim = q.shape[3]
+        group = q.shape[2] // k.shape[2]
+        n0 = n_block * BN
+
+        smem = cuda.shared.array(0, ACC)
+        k_tile = ops.smem_view2d(smem, OFF_K, BN, ROW)
+        v_tile = ops.smem_view2d(smem, OFF_V, BN, ROW)
+        q_tile = ops.smem_view2d(smem, OFF_Q, BM, ROW)
+        do_tile = ops.smem_view2d(smem, OFF_DO, BM, ROW)
+        p_tile = ops.smem_view2d(smem, OFF_P, BM, SROW)
+        ds_tile = ops.smem_view2d(smem, OFF_DS, BM, SROW)
+        lse_row = smem[OFF_LSE:OFF_LSE + BM]
+        delta_row = smem[OFF_DELTA:OFF_DELTA + BM]
+
+        # ---- Prologue: this block's key/value tile stays in shared memory
+        load_kv(k_tile, k, b, n0, seqlen_k, h_kv, head_dim, tid)
+        load_kv(v_tile, v, b, n0, seqlen_k, h_kv, head_dim, tid)
+        dk_acc = cuda.local.array((RK, RD), ACC)
+        dv_acc = cuda.local.array((RK, RD), ACC)
+        for i in range(RK):
+            for j in range(RD):
+                dk_acc[i, j] = 0.0
+                dv_acc[i, j] = 0.0
+
+        # ---- Mainloop over the group's query heads and the query tiles that see K_j
+        m_start, m_end = query_tile_range(n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
+        for h in range(h_kv * group, (h_kv + 1) * group):
+            for m_block in range(m_start, m_end):
+                m0 = m_block * BM
+                cuda.syncthreads()  # everyone is done with the previous Q, dO, P, dS
+                load_q(q_tile, q, b, m0, seqlen_q, h, head_dim, tid)
+                load_q(do_tile, dout, b, m0, seqlen_q, h, head_dim, tid)
+                load_rows(lse_row, lse, b, h, m0, seqlen_q, NEG_INF, tid)
+                load_rows(delta_row, delta, b, h, m0, seqlen_q, 0.0, tid)
+                cuda.syncthreads()
+                masked = tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
+                probabilities_d(p_tile, ds_tile, q_tile, k_tile, v_tile, do_tile, lse_row,
+                                delta_row, m0, n0, seqlen_q, seqlen_k, head_dim, scale_log2,
+                                masked, ty, tx)
+                cuda.syncthreads()
+                dk_dv_d(dk_acc, dv_acc, p_tile, ds_tile, q_tile, do_tile, ty, tx)
+                add_dq_d(dq_accum, ds_tile, k_tile, b, m0, h, seqlen_q, head_dim, scale, ty, tx)
+
+        # ---- Epilogue: dK_j and dV_j are complete; write them once
+        for i in range(RK):
+            key = n0 + ty + TM * i
+            if key < seqlen_k:
+                for j in range(RD):
+                    c = tx + TN * j
+                    if c < head_dim:
+                        dk[b, key, h_kv, c] = from_acc(dk_acc[i, j] * scale)
+                        dv[b, key, h_kv, c] = from_acc(dv_acc[i, j])
+
+    return backward

@@ -1,0 +1,285 @@
+"""NumPy test oracles for attention (forward and backward).
+
+Layout (FlashAttention convention):
+    q      (batch, seqlen_q, nheads,   headdim)
+    k, v   (batch, seqlen_k, nheads_k, headdim)
+    out    (batch, seqlen_q, nheads,   headdim)
+    lse    (batch, nheads, seqlen_q)
+
+GQA/MQA: nheads % nheads_k == 0 and query head h reads kv head
+h // (nheads // nheads_k) (contiguous grouping). In the backward pass dk and dv
+of a kv head are the sums over the query heads of its group.
+
+Causal masking is bottom-right aligned (FlashAttention >= 2.1): key j is visible
+to query i iff j <= i + seqlen_k - seqlen_q. When seqlen_q > seqlen_k the first
+seqlen_q - seqlen_k rows see no key at all ("fully masked"); their output is 0
+and their lse is -inf, and the backward treats their probabilities as 0.
+
+lse is the natural log of sum_j exp(scale * q_i . k_j) over visible j: the
+log-sum-exp of the *scaled* logits (not max-subtracted). No gradient flows
+through it.
+
+Two families of functions:
+
+* ``attention`` / ``attention_backward``: exact, all math in float64,
+  whatever the input float dtype.
+* ``naive_attention`` / ``naive_attention_backward``: the same formulas with
+  every intermediate tensor rounded to the input dtype, modelling "plain
+  attention as a user writes it on a GPU in that dtype" (matmuls and row sums
+  accumulate in float32, or float64 for float64 inputs). They give the
+  same-precision baseline error that a kernel's error is compared against.
+
+These are test oracles: they validate nothing beyond what they need.
+"""
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "causal_mask",
+    "attention",
+    "attention_backward",
+    "naive_attention",
+    "naive_attention_backward",
+]
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+def causal_mask(seqlen_q, seqlen_k):
+    """Bottom-right aligned causal mask, bool (seqlen_q, seqlen_k), True = may attend.
+
+    Key j is visible to query i iff j <= i + seqlen_k - seqlen_q.
+    Example: seqlen_q=2, seqlen_k=5 gives rows [1 1 1 1 0], [1 1 1 1 1];
+    seqlen_q=5, seqlen_k=2 gives three fully masked rows, then [1 0], [1 1].
+    """
+    i = np.arange(seqlen_q)[:, None]
+    j = np.arange(seqlen_k)[None, :]
+    return j <= i + (seqlen_k - seqlen_q)
+
+
+def _scale(softmax_scale, headdim):
+    return 1.0 / math.sqrt(headdim) if softmax_scale is None else float(softmax_scale)
+
+
+def _to_bhsd(x):
+    """(B, S, H, D) -> (B, H, S, D)."""
+    return np.swapaxes(x, 1, 2)
+
+
+def _from_bhsd(x):
+    """(B, H, S, D) -> (B, S, H, D), made contiguous."""
+    return np.ascontiguousarray(np.swapaxes(x, 1, 2))
+
+
+def _expand_kv(x, nheads):
+    """Repeat kv heads so that query head h lines up with kv head h // group."""
+    group = nheads // x.shape[2]
+    return x if group == 1 else np.repeat(x, group, axis=2)
+
+
+def _group_sum(x, nheads_k):
+    """Sum a per-query-head gradient (B, S, H, D) over each GQA group -> (B, S, Hk, D)."""
+    b, s, h, d = x.shape
+    return x.reshape(b, s, nheads_k, h // nheads_k, d).sum(axis=3)
+
+
+def _mask(seqlen_q, seqlen_k, causal):
+    """Visible-pair mask broadcastable to (B, H, Sq, Sk), or None when all visible."""
+    return causal_mask(seqlen_q, seqlen_k) if causal else None
+
+
+def _safe_log(x):
+    """log(x) with log(0) = -inf, without raising a floating-point warning."""
+    out = np.full(x.shape, -np.inf, dtype=x.dtype)
+    np.log(x, out=out, where=x > 0)
+    return out
+
+
+def _safe_div(num, den):
+    """num / den[..., None] with 0 where den == 0 (fully masked rows), no warning."""
+    den = den[..., None]
+    out = np.zeros(np.broadcast_shapes(num.shape, den.shape), dtype=num.dtype)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+# --------------------------------------------------------------------------
+# exact float64 reference
+# --------------------------------------------------------------------------
+
+def _exact_probs(q, k, causal, scale):
+    """Return (P, lse) in float64; P is (B, H, Sq, Sk), 0 on masked entries."""
+    nheads = q.shape[2]
+    q64 = _to_bhsd(np.asarray(q, dtype=np.float64))
+    k64 = _to_bhsd(_expand_kv(np.asarray(k, dtype=np.float64), nheads))
+    s = np.matmul(q64, np.swapaxes(k64, -1, -2)) * scale          # (B, H, Sq, Sk)
+    mask = _mask(q.shape[1], k.shape[1], causal)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    m = s.max(axis=-1, initial=-np.inf)                              # row max
+    m_safe = np.where(np.isneginf(m), 0.0, m)                        # fully masked rows
+    e = np.exp(s - m_safe[..., None])                                # exp(-inf) = 0
+    l = e.sum(axis=-1)
+    p = _safe_div(e, l)
+    lse = m_safe + _safe_log(l)                                       # -inf if l == 0
+    return p, lse
+
+
+def attention(q, k, v, *, causal=False, softmax_scale=None):
+    """Exact attention in float64.
+
+    out[b, i, h] = sum_j P[b, h, i, j] v[b, j, h // group],
+    P = softmax_j(scale * q[b, i, h] . k[b, j, h // group]) over the visible j.
+
+    Returns (out (B, Sq, H, D) float64, lse (B, H, Sq) float64) where
+    lse = log sum_j exp(scale * q_i . k_j) over visible j (natural log of the
+    scaled logits). Fully masked rows: out 0, lse -inf. softmax_scale defaults
+    to 1/sqrt(headdim). Accepts any float dtype (float16, bfloat16, float32,
+    float64); inputs are upcast exactly.
+    """
+    scale = _scale(softmax_scale, q.shape[-1])
+    p, lse = _exact_probs(q, k, causal, scale)
+    v64 = _to_bhsd(_expand_kv(np.asarray(v, dtype=np.float64), q.shape[2]))
+    out = _from_bhsd(np.matmul(p, v64))
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None):
+    """Exact analytic gradients of attention in float64.
+
+    With P the softmax probabilities (0 where masked and on fully masked rows),
+    O = P V and upstream gradient dO:
+        dV    = P^T dO
+        dP    = dO V^T
+        Delta = rowsum(dO * O)           (= rowsum(P * dP))
+        dS    = P * (dP - Delta)
+        dQ    = scale * dS K
+        dK    = scale * dS^T Q
+    dK and dV are summed over the query heads sharing a kv head (GQA).
+    Returns (dq, dk, dv) float64 with the shapes of q, k, v.
+    """
+    nheads, nheads_k = q.shape[2], k.shape[2]
+    scale = _scale(softmax_scale, q.shape[-1])
+    p, _ = _exact_probs(q, k, causal, scale)                          # (B, H, Sq, Sk)
+    q64 = _to_bhsd(np.asarray(q, dtype=np.float64))
+    k64 = _to_bhsd(_expand_kv(np.asarray(k, dtype=np.float64), nheads))
+    v64 = _to_bhsd(_expand_kv(np.asarray(v, dtype=np.float64), nheads))
+    do64 = _to_bhsd(np.asarray(dout, dtype=np.float64))
+
+    o = np.matmul(p, v64)                                             # (B, H, Sq, D)
+    dv = np.matmul(np.swapaxes(p, -1, -2), do64)                      # (B, H, Sk, D)
+    dp = np.matmul(do64, np.swapaxes(v64, -1, -2))                    # (B, H, Sq, Sk)
+    delta = np.sum(do64 * o, axis=-1)                                 # (B, H, Sq)
+    ds = p * (dp - delta[..., None])
+    dq = scale * np.matmul(ds, k64)
+    dk = scale * np.matmul(np.swapaxes(ds, -1, -2), q64)
+
+    return (
+        _from_bhsd(dq),
+        _group_sum(_from_bhsd(dk), nheads_k),
+        _group_sum(_from_bhsd(dv), nheads_k),
+    )
+
+
+# --------------------------------------------------------------------------
+# same-precision ("naive") baseline
+# --------------------------------------------------------------------------
+
+def _precisions(dtype):
+    """(storage dtype, accumulation dtype) for the naive model."""
+    dtype = np.dtype(dtype)
+    acc = np.float64 if dtype == np.float64 else np.float32
+    return dtype, np.dtype(acc)
+
+
+def _rounder(dtype, acc):
+    """Function that rounds an accumulation-precision array to `dtype`, keeping it in `acc`."""
+    if dtype == acc:
+        return lambda x: x
+    return lambda x: x.astype(dtype).astype(acc)
+
+
+def _naive_forward_parts(q, k, v, causal, softmax_scale):
+    """Naive forward; returns intermediates (values are dtype-representable, held in acc)."""
+    dtype, acc = _precisions(q.dtype)
+    rnd = _rounder(dtype, acc)
+    nheads = q.shape[2]
+    scale = _scale(softmax_scale, q.shape[-1])
+
+    qa = _to_bhsd(np.asarray(q).astype(acc))
+    ka = _to_bhsd(_expand_kv(np.asarray(k).astype(acc), nheads))
+    va = _to_bhsd(_expand_kv(np.asarray(v).astype(acc), nheads))
+
+    s = rnd(np.matmul(qa, np.swapaxes(ka, -1, -2)))                  # q @ k^T
+    s = rnd(s * acc.type(scale))                                      # * scale
+    mask = _mask(q.shape[1], k.shape[1], causal)
+    if mask is not None:
+        s = np.where(mask, s, acc.type(-np.inf))
+    m = s.max(axis=-1, initial=-np.inf)                               # exact (a selection)
+    m_safe = np.where(np.isneginf(m), acc.type(0), m)
+    x = rnd(s - m_safe[..., None])                                    # max subtraction
+    e = rnd(np.exp(x))                                                # exp
+    l = rnd(e.sum(axis=-1))                                           # row sum
+    p = rnd(_safe_div(e, l))                                          # normalisation
+    o = rnd(np.matmul(p, va))                                         # P @ V
+    lse = m_safe + _safe_log(l)                                       # from rounded m, l
+    return dict(dtype=dtype, acc=acc, rnd=rnd, scale=scale,
+                qa=qa, ka=ka, va=va, p=p, o=o, lse=lse)
+
+
+def naive_attention(q, k, v, *, causal=False, softmax_scale=None):
+    """Attention computed "as a user writes it" in the input dtype.
+
+    Every intermediate is rounded to q.dtype: S = q @ k^T (float32 accumulation,
+    float64 for float64 inputs), S * scale, S - rowmax, exp, rowsum, division,
+    P @ V (float32 accumulation). Masked logits are -inf; fully masked rows
+    give out 0 and lse -inf.
+
+    Returns (out (B, Sq, H, D) in q.dtype, lse (B, H, Sq) float32, or float64
+    for float64 inputs), with lse = rowmax + log(rowsum) from the rounded values.
+    For float64 inputs this agrees with ``attention`` to rounding error.
+    """
+    parts = _naive_forward_parts(q, k, v, causal, softmax_scale)
+    out = _from_bhsd(parts["o"]).astype(parts["dtype"])
+    return out, parts["lse"].astype(parts["acc"])
+
+
+def naive_attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None):
+    """Gradients of ``naive_attention`` with every intermediate rounded to q.dtype.
+
+    Mirrors what autograd does through plain same-dtype attention (matmuls and
+    reductions accumulate in float32, float64 for float64 inputs, then round):
+        P     forward probabilities (rounded, as in naive_attention)
+        O     forward output (rounded)
+        dV    = round(P^T dO)                 per query head
+        dP    = round(dO V^T)
+        Delta = round(rowsum(dO * O))
+        dS    = round(P * round(dP - Delta))
+        dX    = round(scale * dS)             (gradient of the unscaled q @ k^T)
+        dQ    = round(dX K)
+        dK    = round(dX^T Q)                 per query head
+    dK and dV of a kv head: sum of its group's (rounded) per-head gradients,
+    accumulated in float32 and rounded once. Returns (dq, dk, dv) in q.dtype.
+    """
+    parts = _naive_forward_parts(q, k, v, causal, softmax_scale)
+    dtype, acc, rnd, scale = parts["dtype"], parts["acc"], parts["rnd"], parts["scale"]
+    qa, ka, va, p, o = parts["qa"], parts["ka"], parts["va"], parts["p"], parts["o"]
+    nheads_k = k.shape[2]
+    doa = _to_bhsd(rnd(np.asarray(dout).astype(acc)))
+
+    dv = rnd(np.matmul(np.swapaxes(p, -1, -2), doa))                 # (B, H, Sk, D)
+    dp = rnd(np.matmul(doa, np.swapaxes(va, -1, -2)))                 # (B, H, Sq, Sk)
+    delta = rnd(np.sum(doa * o, axis=-1))                             # (B, H, Sq)
+    ds = rnd(p * rnd(dp - delta[..., None]))
+    dx = rnd(ds * acc.type(scale))
+    dq = rnd(np.matmul(dx, ka))
+    dk = rnd(np.matmul(np.swapaxes(dx, -1, -2), qa))
+
+    dq = _from_bhsd(dq)
+    dk = rnd(_group_sum(_from_bhsd(dk), nheads_k))
+    dv = rnd(_group_sum(_from_bhsd(dv), nheads_k))
+    return dq.astype(dtype), dk.astype(dtype), dv.astype(dtype)
