@@ -63,12 +63,12 @@ class Kernel:
         from cuda.core import LaunchConfig, launch
         flat = []
         for a in args:
-            if hasattr(a, "data") and hasattr(a, "strides"):
+            if isinstance(a, np.generic):
+                flat.append(a)
+            else:
                 # Numba's ABI for an array: meminfo, parent, nitems, itemsize, data,
                 # shape..., strides (bytes)...
                 flat += [0, 0, a.size, a.itemsize, a.data.ptr, *a.shape, *a.strides]
-            else:
-                flat.append(a)
         config = LaunchConfig(grid=grid, block=block, shmem_size=self.shared_bytes)
         launch(_current_stream(), config, self._cukernel, *flat)
 
