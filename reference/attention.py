@@ -111,8 +111,8 @@ def _safe_div(num, den):
 # exact float64 reference
 # --------------------------------------------------------------------------
 
-def _exact_probs(q, k, causal, scale):
-    """Return (P, lse) in float64; P is (B, H, Sq, Sk), 0 on masked entries."""
+def _exact_scores(q, k, causal, scale):
+    """Scaled logits in float64, (B, H, Sq, Sk), -inf on masked entries."""
     nheads = q.shape[2]
     q64 = _to_bhsd(np.asarray(q, dtype=np.float64))
     k64 = _to_bhsd(_expand_kv(np.asarray(k, dtype=np.float64), nheads))
@@ -120,6 +120,12 @@ def _exact_probs(q, k, causal, scale):
     mask = _mask(q.shape[1], k.shape[1], causal)
     if mask is not None:
         s = np.where(mask, s, -np.inf)
+    return s
+
+
+def _exact_probs(q, k, causal, scale):
+    """Return (P, lse) in float64; P is (B, H, Sq, Sk), 0 on masked entries."""
+    s = _exact_scores(q, k, causal, scale)
     m = s.max(axis=-1, initial=-np.inf)                              # row max
     m_safe = np.where(np.isneginf(m), 0.0, m)                        # fully masked rows
     e = np.exp(s - m_safe[..., None])                                # exp(-inf) = 0
@@ -148,8 +154,17 @@ def attention(q, k, v, *, causal=False, softmax_scale=None):
     return out, lse
 
 
-def attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None):
+def attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None, out=None,
+                       lse=None):
     """Exact analytic gradients of attention in float64.
+
+    By default everything is derived from q, k, v exactly. Given ``out`` and/or
+    ``lse`` (what a forward pass returned, e.g. rounded to float16 and float32), the
+    backward is instead evaluated exactly *as a function of those arguments*, the way
+    FlashAttention's backward defines it: P = exp(scale S - lse) and
+    Delta = rowsum(dO * out). The difference between the two is the error that
+    rounding out and lse in the forward pass passes on to the gradients; a backward
+    kernel cannot undo it.
 
     With P the softmax probabilities (0 where masked and on fully masked rows),
     O = P V and upstream gradient dO:
@@ -164,13 +179,20 @@ def attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None):
     """
     nheads, nheads_k = q.shape[2], k.shape[2]
     scale = _scale(softmax_scale, q.shape[-1])
-    p, _ = _exact_probs(q, k, causal, scale)                          # (B, H, Sq, Sk)
+    if lse is None:
+        p, _ = _exact_probs(q, k, causal, scale)                      # (B, H, Sq, Sk)
+    else:
+        lse64 = np.asarray(lse, dtype=np.float64)[..., None]
+        s = _exact_scores(q, k, causal, scale)
+        visible = np.isfinite(s) & np.isfinite(lse64)
+        p = np.where(visible, np.exp(np.where(visible, s, 0.0) - np.where(visible, lse64, 0.0)),
+                     0.0)
     q64 = _to_bhsd(np.asarray(q, dtype=np.float64))
     k64 = _to_bhsd(_expand_kv(np.asarray(k, dtype=np.float64), nheads))
     v64 = _to_bhsd(_expand_kv(np.asarray(v, dtype=np.float64), nheads))
     do64 = _to_bhsd(np.asarray(dout, dtype=np.float64))
 
-    o = np.matmul(p, v64)                                             # (B, H, Sq, D)
+    o = np.matmul(p, v64) if out is None else _to_bhsd(np.asarray(out, dtype=np.float64))
     dv = np.matmul(np.swapaxes(p, -1, -2), do64)                      # (B, H, Sk, D)
     dp = np.matmul(do64, np.swapaxes(v64, -1, -2))                    # (B, H, Sq, Sk)
     delta = np.sum(do64 * o, axis=-1)                                 # (B, H, Sq)

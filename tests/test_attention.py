@@ -14,7 +14,7 @@ import nbflash
 import reference
 from nbflash import interface
 from strategies import DTYPES, cases, make_inputs
-from tolerance import assert_accurate, to_numpy64
+from tolerance import assert_accurate, max_abs_logit, to_numpy64
 from conftest import SIMULATOR
 
 MODE = pytest.mark.simulator if SIMULATOR else pytest.mark.gpu
@@ -44,8 +44,9 @@ def test_forward(poison, dtype_name, case):
     exact_out, exact_lse = reference.attention(q, k, v, **kw)
     naive_out, naive_lse = reference.naive_attention(q, k, v, **kw)
     n = max(case.seqlen_k, case.head_dim)
-    assert_accurate("out", out, exact_out, naive_out, dtype_name, n)
-    assert_accurate("lse", lse, exact_lse, naive_lse, dtype_name, n)
+    logit = max_abs_logit(q, k, case.softmax_scale)
+    assert_accurate("out", out, exact_out, naive_out, dtype_name, n, logit)
+    assert_accurate("lse", lse, exact_lse, naive_lse, dtype_name, n, logit)
     _check_masked_rows(case, out, lse)
 
 
@@ -57,10 +58,17 @@ def test_backward(poison, dtype_name, case):
     kw = dict(causal=case.causal, softmax_scale=case.softmax_scale)
     out, lse = nbflash.attention(dq_in, dk_in, dv_in, return_lse=True, **kw)
     grads = nbflash.attention_backward(ddo, dq_in, dk_in, dv_in, out, lse, **kw)
-    exact = reference.attention_backward(do, q, k, v, **kw)
+    # attention_backward is checked as the function of its arguments that it is:
+    # out and lse arrive rounded (to q's dtype and to float32), and FlashAttention's
+    # backward uses them as given (P = exp(scale S - lse), Delta = rowsum(dO * out)).
+    # The gradient error that rounding passes on belongs to the forward's outputs,
+    # which test_forward holds to the accuracy rule.
+    exact = reference.attention_backward(do, q, k, v, out=to_numpy64(out), lse=to_numpy64(lse),
+                                         **kw)
     naive = reference.naive_attention_backward(do, q, k, v, **kw)
     n = max(case.seqlen_q * case.group, case.seqlen_k, case.head_dim)
+    logit = max_abs_logit(q, k, case.softmax_scale)
     for name, got, ref, like, e, nv in zip(("dq", "dk", "dv"), grads, (q, k, v),
                                            (dq_in, dk_in, dv_in), exact, naive):
         assert got.shape == ref.shape and got.dtype == ref.dtype, name
-        assert_accurate(name, got, e, nv, dtype_name, n)
+        assert_accurate(name, got, e, nv, dtype_name, n, logit)
