@@ -95,15 +95,25 @@ def check_flag(name, value):
         raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-def softmax_scale_or_default(softmax_scale, head_dim):
-    """The scale as a float: ``1/sqrt(headdim)`` when None, else a finite positive number."""
+def softmax_scale_or_default(softmax_scale, head_dim, accumulator):
+    """The scale as a float: ``1/sqrt(headdim)`` when None, else a finite positive number
+    that stays finite and nonzero in the kernels' ``accumulator`` type."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(softmax_scale, (bool, np.bool_)) or not isinstance(softmax_scale, numbers.Real):
         raise TypeError(f"softmax_scale must be a real number or None, got {softmax_scale!r}")
-    scale = float(softmax_scale)
+    try:
+        scale = float(softmax_scale)
+    except OverflowError:
+        scale = math.inf
     if not math.isfinite(scale) or scale <= 0.0:
         raise ValueError(f"softmax_scale must be finite and positive, got {softmax_scale!r}")
+    # The kernels work with scale and scale * log2(e) in the accumulator type.
+    with np.errstate(over="ignore", under="ignore"):
+        in_acc = (accumulator(scale), accumulator(scale * math.log2(math.e)))
+    if not all(np.isfinite(x) and x > 0 for x in in_acc):
+        raise ValueError(f"softmax_scale {softmax_scale!r} is outside the range of "
+                         f"{np.dtype(accumulator).name}, which the kernels compute in")
     return scale
 
 

@@ -42,7 +42,8 @@ def _cdiv(a, b):
 def _check_inputs(q, k, v, causal, softmax_scale):
     dims = _validate.check_qkv(q, k, v, xp.ndarray, ON_GPU)
     _validate.check_flag("causal", causal)
-    scale = _validate.softmax_scale_or_default(softmax_scale, dims[-1])
+    scale = _validate.softmax_scale_or_default(softmax_scale, dims[-1],
+                                               _acc_dtype(_validate.dtype_name(q.dtype)))
     return dims, scale
 
 
