@@ -97,6 +97,60 @@ BACKWARD_TILES = {
 SIMULATOR_TILE = {d: TileConfig(16, 16, d, 32) for d in HEAD_DIM_BUCKETS}
 
 
+@dataclass(frozen=True)
+class MmaConfig:
+    """Compile-time shape of a tensor-core (mma.sync m16n8k16) kernel.
+
+    ``block_m`` query rows per block, split evenly over ``warps`` warps in 16-row
+    m-tiles; ``block_n`` keys per K/V tile; ``head_dim`` the head-dim bucket.
+    """
+    block_m: int
+    block_n: int
+    head_dim: int
+    warps: int
+
+    @property
+    def threads(self):
+        return 32 * self.warps
+
+    @property
+    def m_tiles(self):
+        return self.block_m // (16 * self.warps)
+
+    @property
+    def forward_shared_bytes(self):
+        """Q, K and V tiles of 16-bit elements."""
+        return (self.block_m + 2 * self.block_n) * self.head_dim * 2
+
+    def check(self):
+        chunks = self.head_dim // 8
+        if self.block_m % (16 * self.warps) or self.block_n % 16 or self.head_dim % 16:
+            raise ValueError(f"tiles must be multiples of 16 rows per warp in {self}")
+        for rows in (self.block_m, self.block_n):
+            if (rows * chunks) % self.threads:
+                raise ValueError(f"{rows}-row tiles do not split evenly over threads in {self}")
+        if self.forward_shared_bytes > MAX_SHARED_BYTES:
+            raise ValueError(f"{self} needs {self.forward_shared_bytes} bytes of shared memory")
+
+
+#: Tensor-core forward tiles per head-dim bucket (float16 and bfloat16).
+FORWARD_MMA_TILES = {
+    32: MmaConfig(64, 64, 32, 4),
+    64: MmaConfig(64, 64, 64, 4),
+    128: MmaConfig(64, 64, 128, 4),
+    256: MmaConfig(64, 32, 256, 4),
+}
+#: Under the simulator: one warp, so each warp-collective costs one exchange.
+SIMULATOR_MMA_TILE = {d: MmaConfig(16, 16, d, 1) for d in HEAD_DIM_BUCKETS}
+#: Input dtypes that run on tensor cores.
+MMA_DTYPES = ("float16", "bfloat16")
+
+
+def select_forward_mma(head_dim, simulator=False):
+    bucket = head_dim_bucket(head_dim)
+    return (SIMULATOR_MMA_TILE if simulator else FORWARD_MMA_TILES)[bucket]
+
+
 def head_dim_bucket(head_dim):
     for bucket in HEAD_DIM_BUCKETS:
         if head_dim <= bucket:

@@ -10,6 +10,7 @@ from ._launch import array_type, get_kernel, scalar_type
 from .kernels.backward import ROW_THREADS, build_backward, build_convert, build_preprocess
 from .kernels.common import LOG2E
 from .kernels.forward import build_forward
+from .kernels.forward_mma import build_forward_mma
 
 if ops.SIMULATOR:
     xp = np
@@ -96,6 +97,9 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False):
 
 
 def _forward(q, k, v, out, lse, causal, scale, name):
+    if name in config.MMA_DTYPES:
+        _forward_mma(q, k, v, out, lse, causal, scale, name)
+        return
     cfg = config.select_forward(name, q.shape[3], ops.SIMULATOR)
     elements = config.forward_shared_elements(cfg)
     nbytes = config.check_fits(cfg, elements, name)
@@ -109,6 +113,49 @@ def _forward(q, k, v, out, lse, causal, scale, name):
     grid = (_cdiv(seqlen_q, cfg.block_m), nheads, batch)
     kernel(grid, (cfg.threads,), [_kernel_view(q), _kernel_view(k), _kernel_view(v),
                                   _kernel_view(out), lse, scale_log2])
+
+
+def _data_ptr(x):
+    return x.ctypes.data if isinstance(x, np.ndarray) else x.data.ptr
+
+
+def _chunk_ready(x):
+    """Whether the tensor-core kernels can copy x's rows in 16-byte chunks as it is:
+    unit stride and a multiple of 8 elements on the head dim, 16-byte aligned rows."""
+    if x.size == 0:
+        return True
+    if x.strides[3] != x.itemsize or x.shape[3] % 8 or _data_ptr(x) % 16:
+        return False
+    return all(stride % 16 == 0 for n, stride in zip(x.shape[:3], x.strides[:3]) if n > 1)
+
+
+def _chunk_layout(x):
+    """x itself when chunk-ready, else a contiguous copy with the head dim zero-padded to
+    a multiple of 8 (zero columns add nothing to q.k and are not written out)."""
+    if _chunk_ready(x):
+        return x
+    b, s, h, d = x.shape
+    padded = (d + 7) // 8 * 8
+    if padded == d:
+        return xp.ascontiguousarray(x)
+    y = xp.zeros((b, s, h, padded), x.dtype)
+    y[..., :d] = x
+    return y
+
+
+def _forward_mma(q, k, v, out, lse, causal, scale, name):
+    cfg = config.select_forward_mma(q.shape[3], ops.SIMULATOR)
+    cfg.check()
+    q, k, v = (_chunk_layout(x).view(np.uint16) for x in (q, k, v))
+    scale_log2 = np.float32(scale * LOG2E)
+    signature = ([array_type(np.uint16, 4)] * 3 + [array_type(config.STORAGE[name], 4),
+                 array_type(np.float32, 3), scalar_type(scale_log2)])
+    kernel = get_kernel(("forward_mma", cfg, name, causal),
+                        lambda: build_forward_mma(cfg, name, causal), signature,
+                        cfg.forward_shared_bytes)
+    batch, seqlen_q, nheads, _ = q.shape
+    grid = (_cdiv(seqlen_q, cfg.block_m), nheads, batch)
+    kernel(grid, (cfg.threads,), [q, k, v, _kernel_view(out), lse, scale_log2])
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):

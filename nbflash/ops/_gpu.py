@@ -1,12 +1,43 @@
-"""GPU implementations of nbflash's low-level operations, as Numba intrinsics."""
+"""GPU implementations of nbflash's low-level operations, as Numba intrinsics.
+
+The tensor-core operations are inline PTX (PTX ISA 8.x, sections 9.7.13 "Warp Level
+Matrix Multiply-Accumulate Instructions" and 9.7.9.25 "cp.async"). Register layouts
+of the mma fragments (g = lane >> 2, t = lane & 3; each 32-bit register holds two
+16-bit values, the lower index in the low half):
+
+    A (16x16, row major)  a0: A[g][2t:2t+2]    a1: A[g+8][2t:2t+2]
+                          a2: A[g][2t+8:2t+10] a3: A[g+8][2t+8:2t+10]
+    B (16x8, "col")       b0: B[2t:2t+2][g]    b1: B[2t+8:2t+10][g]
+    C, D (16x8, float32)  c0, c1: C[g][2t], C[g][2t+1]   c2, c3: C[g+8][2t], C[g+8][2t+1]
+
+Instructions with no outputs are marked side-effecting (NVVM deletes them
+otherwise); loads and copies also clobber memory so that nothing moves across a
+barrier. Pure value instructions (mma, cvt, ex2) stay pure.
+"""
 from llvmlite import ir
-from numba import types
+from numba import cuda, types
+from numba.cuda import cgutils
 from numba.cuda.extending import intrinsic
 from numba.cuda.np.arrayobj import make_array, populate_array
 
-__all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32"]
+__all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
+           "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
+           "pack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
+           "shfl_xor"]
 
 _i32 = ir.IntType(32)
+_i64 = ir.IntType(64)
+_f32 = ir.FloatType()
+
+
+def _asm(builder, ret, args, text, constraints, side_effect=False):
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=side_effect), args)
+
+
+def _as_tuple(context, builder, sig, struct, n):
+    return context.make_tuple(builder, sig.return_type,
+                              [builder.extract_value(struct, i) for i in range(n)])
 
 
 @intrinsic
@@ -70,3 +101,167 @@ def u32_as_f32(typingctx, u):
         return builder.bitcast(args[0], ir.FloatType())
 
     return sig, codegen
+
+
+@intrinsic
+def smem_addr(typingctx, arr, idx):
+    """32-bit shared-memory address of ``arr[idx]`` (``arr`` a 1-D shared array)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 1 and isinstance(idx, types.Integer)):
+        return None
+    sig = types.uint32(arr, idx)
+
+    def codegen(context, builder, sig, args):
+        ary = make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary,
+                                       [context.cast(builder, args[1], sig.args[1], types.intp)])
+        shared = builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, 3))
+        return builder.ptrtoint(shared, _i32)
+
+    return sig, codegen
+
+
+@intrinsic
+def global_addr(typingctx, arr, i0, i1, i2, i3):
+    """64-bit global address of ``arr[i0, i1, i2, i3]`` (any strides)."""
+    if not (isinstance(arr, types.Array) and arr.ndim == 4
+            and all(isinstance(i, types.Integer) for i in (i0, i1, i2, i3))):
+        return None
+    sig = types.uint64(arr, i0, i1, i2, i3)
+
+    def codegen(context, builder, sig, args):
+        ary = make_array(sig.args[0])(context, builder, args[0])
+        idx = [context.cast(builder, a, t, types.intp) for a, t in zip(args[1:], sig.args[1:])]
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, idx)
+        glob = builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, 1))
+        return builder.ptrtoint(glob, _i64)
+
+    return sig, codegen
+
+
+def _make_ldmatrix(trans):
+    text = ("ldmatrix.sync.aligned.m8n8.x4%s.shared.b16 {$0,$1,$2,$3}, [$4];"
+            % (".trans" if trans else ""))
+
+    @intrinsic
+    def ldmatrix(typingctx, addr):
+        sig = types.UniTuple(types.uint32, 4)(types.uint32)
+
+        def codegen(context, builder, sig, args):
+            st = _asm(builder, ir.LiteralStructType([_i32] * 4), [args[0]], text,
+                      "=r,=r,=r,=r,r,~{memory}", side_effect=True)
+            return _as_tuple(context, builder, sig, st, 4)
+
+        return sig, codegen
+
+    return ldmatrix
+
+
+#: Four 8x8 b16 matrices from shared memory: lane l gives the address of row l & 7 of
+#: matrix l >> 3; register m receives matrix m, row l >> 2, columns 2(l & 3), +1.
+ldmatrix_x4 = _make_ldmatrix(False)
+#: The same, transposed: register m holds (row 2(l & 3), col l >> 2) and the next row.
+ldmatrix_x4_trans = _make_ldmatrix(True)
+
+
+def _make_mma(ab):
+    text = (f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32 "
+            "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
+
+    @intrinsic
+    def mma(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        u, f = types.uint32, types.float32
+        sig = types.UniTuple(f, 4)(u, u, u, u, u, u, f, f, f, f)
+
+        def codegen(context, builder, sig, args):
+            st = _asm(builder, ir.LiteralStructType([_f32] * 4), list(args), text,
+                      "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f")
+            return _as_tuple(context, builder, sig, st, 4)
+
+        return sig, codegen
+
+    return mma
+
+
+#: D = A B + C for a 16x16 A, a 16x8 B and float32 C, D (layouts in the module doc).
+mma_f16 = _make_mma("f16")
+mma_bf16 = _make_mma("bf16")
+
+
+def _make_pack(kind):
+    # cvt puts its first source in the upper half, so pack(lo, hi) passes (hi, lo).
+    text = "cvt.rn.%sx2.f32 $0, $2, $1;" % kind
+
+    @intrinsic
+    def pack(typingctx, lo, hi):
+        sig = types.uint32(types.float32, types.float32)
+
+        def codegen(context, builder, sig, args):
+            return _asm(builder, _i32, list(args), text, "=r,f,f")
+
+        return sig, codegen
+
+    return pack
+
+
+#: Two float32 rounded to nearest into one register, ``lo`` in the low 16 bits.
+pack_f16x2 = _make_pack("f16")
+pack_bf16x2 = _make_pack("bf16")
+
+
+@intrinsic
+def ex2(typingctx, x):
+    """2**x, hardware approximation (relative error about 2**-22; subnormals flush)."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _f32, [args[0]], "ex2.approx.ftz.f32 $0, $1;", "=f,f")
+
+    return sig, codegen
+
+
+@intrinsic
+def cp_async_16(typingctx, dst, src, src_bytes):
+    """Asynchronous 16-byte copy global -> shared, zero-filling past ``src_bytes``."""
+    sig = types.void(types.uint32, types.uint64, types.uint32)
+
+    def codegen(context, builder, sig, args):
+        _asm(builder, ir.VoidType(), list(args),
+             "cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r,~{memory}",
+             side_effect=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def cp_async_commit(typingctx):
+    """Closes the group of cp.async issued by this thread since the last commit."""
+    sig = types.void()
+
+    def codegen(context, builder, sig, args):
+        _asm(builder, ir.VoidType(), [], "cp.async.commit_group;", "~{memory}",
+             side_effect=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def cp_async_wait(typingctx, n):
+    """Waits until at most ``n`` (a compile-time constant) committed groups are pending."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    sig = types.void(n)
+    text = "cp.async.wait_group %d;" % n.literal_value
+
+    def codegen(context, builder, sig, args):
+        _asm(builder, ir.VoidType(), [], text, "~{memory}", side_effect=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@cuda.jit(device=True, forceinline=True)
+def shfl_xor(value, lane_mask):
+    """``value`` of lane ``lane ^ lane_mask`` (all 32 lanes take part)."""
+    return cuda.shfl_xor_sync(0xFFFFFFFF, value, lane_mask)

@@ -1,7 +1,24 @@
-"""Simulator twins of ``_gpu.py``: same names, signatures and results, in NumPy."""
+"""Simulator twins of ``_gpu.py``: same names, signatures and results, in NumPy.
+
+Numba's CUDA simulator runs every CUDA thread as an OS thread and has no warp-level
+operations. Warp-collective twins (ldmatrix, mma, shuffles) meet at a per-warp
+exchange: each of the 32 lanes deposits its operands, waits for the others, and
+computes its own result from all 32 deposits, with the register layouts of
+``_gpu.py``. Shared and global "addresses" are host addresses, so kernel address
+arithmetic (swizzles included) runs unchanged. cp.async is a synchronous copy, so
+the simulator cannot catch a missing wait; the GPU tests do.
+"""
+import ctypes
+import math
+import threading
+import weakref
+
 import numpy as np
 
-__all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32"]
+__all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
+           "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
+           "pack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
+           "shfl_xor"]
 
 
 def smem_view2d(arr, offset, rows, cols):
@@ -15,3 +32,150 @@ def f32_as_u32(x):
 
 def u32_as_f32(u):
     return np.uint32(u).view(np.float32)
+
+
+# ---- addresses
+
+def _host(a):
+    """The NumPy array behind a simulator kernel argument or shared array."""
+    item = getattr(a, "_item", None)
+    if item is not None:
+        return item._ary
+    return np.asarray(a)
+
+
+def smem_addr(arr, idx):
+    a = _host(arr)
+    return a.ctypes.data + int(idx) * a.strides[0]
+
+
+def global_addr(arr, i0, i1, i2, i3):
+    a = _host(arr)
+    return a.ctypes.data + sum(int(i) * s for i, s in zip((i0, i1, i2, i3), a.strides))
+
+
+def cp_async_16(dst, src, src_bytes):
+    n = int(src_bytes)
+    if n:
+        ctypes.memmove(dst, src, n)
+    if n < 16:
+        ctypes.memset(dst + n, 0, 16 - n)
+
+
+def cp_async_commit():
+    pass
+
+
+def cp_async_wait(n):
+    pass
+
+
+# ---- warp exchange
+
+_lock = threading.Lock()
+_exchanges = weakref.WeakKeyDictionary()     # block manager -> {warp: (barrier, slots)}
+
+
+def _warp_all(value):
+    """(lane, values of all 32 lanes); every lane of the warp must call it."""
+    th = threading.current_thread()
+    warp, lane = divmod(th.thread_id, 32)
+    with _lock:
+        per_block = _exchanges.setdefault(th._manager, {})
+        if warp not in per_block:
+            n_threads = int(np.prod(th._manager._block_dim))
+            per_block[warp] = (threading.Barrier(min(32, n_threads - 32 * warp), timeout=120),
+                               [None] * 32)
+    barrier, slots = per_block[warp]
+    slots[lane] = value
+    barrier.wait()
+    values = list(slots)
+    barrier.wait()
+    return lane, values
+
+
+def shfl_xor(value, lane_mask):
+    lane, values = _warp_all(value)
+    return values[lane ^ lane_mask]
+
+
+def _u32_at(addr):
+    return ctypes.c_uint32.from_address(addr).value
+
+
+def _u16_at(addr):
+    return ctypes.c_uint16.from_address(addr).value
+
+
+def ldmatrix_x4(addr):
+    lane, rows = _warp_all(int(addr))
+    return tuple(np.uint32(_u32_at(rows[8 * m + (lane >> 2)] + 4 * (lane & 3)))
+                 for m in range(4))
+
+
+def ldmatrix_x4_trans(addr):
+    lane, rows = _warp_all(int(addr))
+    out = []
+    for m in range(4):
+        r = 8 * m + 2 * (lane & 3)
+        col = 2 * (lane >> 2)
+        out.append(np.uint32(_u16_at(rows[r] + col) | (_u16_at(rows[r + 1] + col) << 16)))
+    return tuple(out)
+
+
+# ---- arithmetic
+
+def _halves(u, kind):
+    u = int(u)
+    lo, hi = u & 0xFFFF, u >> 16
+    if kind == "f16":
+        return np.array([lo, hi], dtype=np.uint16).view(np.float16).astype(np.float64)
+    return (np.array([lo, hi], dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _make_mma(kind):
+    def mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        lane, regs = _warp_all((a0, a1, a2, a3, b0, b1))
+        a = np.zeros((16, 16))
+        b = np.zeros((16, 8))
+        for ln, (r0, r1, r2, r3, s0, s1) in enumerate(regs):
+            g, t = ln >> 2, ln & 3
+            a[g, 2 * t:2 * t + 2] = _halves(r0, kind)
+            a[g + 8, 2 * t:2 * t + 2] = _halves(r1, kind)
+            a[g, 2 * t + 8:2 * t + 10] = _halves(r2, kind)
+            a[g + 8, 2 * t + 8:2 * t + 10] = _halves(r3, kind)
+            b[2 * t:2 * t + 2, g] = _halves(s0, kind)
+            b[2 * t + 8:2 * t + 10, g] = _halves(s1, kind)
+        d = a @ b
+        g, t = lane >> 2, lane & 3
+        f = np.float32
+        return (f(d[g, 2 * t] + c0), f(d[g, 2 * t + 1] + c1),
+                f(d[g + 8, 2 * t] + c2), f(d[g + 8, 2 * t + 1] + c3))
+    return mma
+
+
+mma_f16 = _make_mma("f16")
+mma_bf16 = _make_mma("bf16")
+
+
+def pack_f16x2(lo, hi):
+    bits = np.array([lo, hi], dtype=np.float32).astype(np.float16).view(np.uint16)
+    return np.uint32(int(bits[0]) | (int(bits[1]) << 16))
+
+
+def _bf16_bits(x):
+    u = int(np.float32(x).view(np.uint32))
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return (u >> 16) | 0x40
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def pack_bf16x2(lo, hi):
+    return np.uint32(_bf16_bits(lo) | (_bf16_bits(hi) << 16))
+
+
+def ex2(x):
+    x = float(x)
+    if math.isnan(x):
+        return np.float32(np.nan)
+    return np.float32(np.exp2(np.float32(x)))
