@@ -108,6 +108,7 @@ class MmaConfig:
     block_n: int
     head_dim: int
     warps: int
+    q_in_registers: bool = True
 
     @property
     def threads(self):
@@ -137,8 +138,8 @@ class MmaConfig:
 FORWARD_MMA_TILES = {
     32: MmaConfig(64, 64, 32, 4),
     64: MmaConfig(64, 64, 64, 4),
-    128: MmaConfig(64, 64, 128, 4),
-    256: MmaConfig(64, 32, 256, 4),
+    128: MmaConfig(64, 64, 128, 4, q_in_registers=False),
+    256: MmaConfig(64, 32, 256, 4, q_in_registers=False),
 }
 #: Under the simulator: one warp, so each warp-collective costs one exchange.
 SIMULATOR_MMA_TILE = {d: MmaConfig(16, 16, d, 1) for d in HEAD_DIM_BUCKETS}

@@ -20,6 +20,32 @@ def device(fn):
     return cuda.jit(device=True, **ops.jit_options(forceinline=True))(fn)
 
 
+def static_loop(n, body):
+    """A device function ``loop(*args)`` running ``body(i, *args)`` for i = 0, ..., n - 1,
+    with every i a compile-time constant.
+
+    NVVM leaves long loops rolled, and a register array (mma fragments, accumulators)
+    indexed by a run-time counter is moved to local memory. Chaining inlined calls,
+    one per i, gives straight-line code with constant indices: ``#pragma unroll``.
+    """
+    @device
+    def loop(*args):
+        pass
+
+    for i in range(n):
+        loop = _then(loop, body, i)
+    return loop
+
+
+def _then(first, body, i):
+    @device
+    def loop(*args):
+        first(*args)
+        body(i, *args)
+
+    return loop
+
+
 key_tile_range = device(block_info.key_tile_range)
 query_tile_range = device(block_info.query_tile_range)
 tile_needs_mask = device(block_info.tile_needs_mask)

@@ -5,7 +5,8 @@ the FlashAttention-2 arrangement:
 
 - one thread block per (query tile, head, batch); each warp owns ``16 * M_TILES``
   query rows, so warps never exchange data and no shared memory holds S or P;
-- Q is copied to shared memory once and kept in registers as mma A-fragments;
+- Q is copied to shared memory once; its mma A-fragments are kept in registers
+  (head dims up to 64) or reloaded per k-step (larger head dims, short of registers);
 - K and V tiles stream through shared memory with ``cp.async``: V_j is copied while
   S = Q K_j^T is computed, K_{j+1} while the softmax and P V_j run;
 - S lives in registers as mma accumulators; the softmax runs on them (row max and
@@ -17,9 +18,7 @@ the FlashAttention-2 arrangement:
 - causal tiles above the diagonal are skipped, only the diagonal (and the last,
   partial) tiles are masked.
 
-Shared memory tiles are 16-bit elements, row-major, with the 16-byte chunks of each
-row XOR-swizzled by the row index so that the 8 rows an ``ldmatrix`` reads at once
-fall in 8 different bank groups.
+Shared-memory tiles are stored chunk-major (see ``make_mma_tile_ops``).
 """
 import functools
 import math
@@ -29,60 +28,64 @@ from numba import cuda, from_dtype
 
 from .. import ops
 from ..config import MmaConfig
-from .common import (LN2, NEG_INF, device, element_codec, key_tile_range,
+from .common import (LN2, NEG_INF, device, element_codec, key_tile_range, static_loop,
                      tile_needs_mask)
-
-
-def swizzle_params(head_dim):
-    """(shift, mask) of the chunk swizzle ``chunk ^ ((row >> shift) & mask)``.
-
-    A row holds ``head_dim / 8`` chunks of 16 bytes; 128 bytes (8 chunks) span all
-    32 banks. Rows of at least 8 chunks XOR with the row's low 3 bits; narrower rows
-    share a 128-byte line with their neighbours, so higher row bits are used.
-    """
-    chunks = head_dim // 8
-    mask = min(chunks, 8) - 1
-    shift = {8: 0, 4: 1, 2: 2, 1: 3}[min(chunks, 8)]
-    return shift, mask
 
 
 def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
     """Device functions shared by the tensor-core kernels for one configuration:
-    ``(load_tile_async, smem_offset, mma, pack)``."""
+    ``(make_loader, make_offset, mma, pack)``.
+
+    Shared-memory tiles of 16-bit elements are stored chunk-major: the 16-byte chunk
+    c (8 elements) of row r sits at chunk slot ``c * rows + r``. The 8 rows that one
+    ``ldmatrix`` matrix reads are then 128 contiguous bytes (no bank conflicts, no
+    swizzle), and stepping to the next 16 rows or 16 columns adds a compile-time
+    constant to the lane's address, which folds into the instruction: a row-major
+    tile needs an XOR swizzle whose per-step addresses cost registers.
+    """
     D, NT = cfg.head_dim, cfg.threads
     CHUNKS = D // 8
-    SHIFT, MASK = swizzle_params(D)
     mma = ops.mma_f16 if dtype_name == "float16" else ops.mma_bf16
     pack = ops.pack_f16x2 if dtype_name == "float16" else ops.pack_bf16x2
 
-    def smem_offset(row, col):
-        """Element offset of (row, col) in a swizzled tile of rows of D elements."""
-        chunk = (col >> 3) ^ ((row >> SHIFT) & MASK)
-        return row * D + (chunk << 3) + (col & 7)
+    def make_offset(rows):
+        @device
+        def offset(row, col):
+            """Element offset of (row, col) in a chunk-major tile of ``rows`` rows."""
+            return ((col >> 3) * rows + row) * 8 + (col & 7)
+
+        return offset
 
     def make_loader(rows):
-        assert (rows * CHUNKS) % NT == 0, (rows, CHUNKS, NT)
+        assert rows % 8 == 0 and (rows * CHUNKS) % NT == 0, (rows, CHUNKS, NT)
         per_thread = rows * CHUNKS // NT
+        offset = make_offset(rows)
 
         def load_tile_async(smem, base, src, b, row0, n_rows, head, head_dim, tid):
             """cp.async of rows [row0, row0 + rows) of src[b, :, head, :] into the tile at
-            ``base``; rows past n_rows and chunks past head_dim are zero-filled."""
+            ``base``; rows past n_rows and chunks past head_dim are zero-filled.
+
+            Eight consecutive threads copy one chunk column of eight rows: each warp
+            writes 128-byte runs of shared memory and reads whole 32-byte sectors."""
             for it in range(per_thread):
                 idx = tid + it * NT
-                r = idx // CHUNKS
-                ch = idx - r * CHUNKS
+                r8 = idx & 7
+                rest = idx >> 3
+                rb = rest // CHUNKS
+                ch = rest - rb * CHUNKS
+                r = rb * 8 + r8
                 row = row0 + r
                 inside = row < n_rows and ch * 8 < head_dim
                 # A zero-byte copy reads nothing, but its address must still be valid.
                 src_row = row if row < n_rows else n_rows - 1
                 src_col = ch * 8 if inside else 0
-                dst = ops.smem_addr(smem, base + smem_offset(r, ch * 8))
+                dst = ops.smem_addr(smem, base + offset(r, ch * 8))
                 ops.cp_async_16(dst, ops.global_addr(src, b, src_row, head, src_col),
                                 np.uint32(16) if inside else np.uint32(0))
 
         return device(load_tile_async)
 
-    return make_loader, device(smem_offset), mma, pack
+    return make_loader, make_offset, mma, pack
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,6 +103,8 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     NS = BN // 8                           # 8-key n-tiles of S
     KP = BN // 16                          # k-steps of 16 over the keys (O += P V)
     DT = D // 8                            # 8-column n-tiles of O
+    Q_IN_REGS = cfg.q_in_registers
+    QF_STEPS = KS if Q_IN_REGS else 1      # k-steps of Q fragments held at once
     CAUSAL = causal
     SALT = ops.SOURCE_SALT
 
@@ -108,45 +113,64 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     OFF_V = OFF_K + BN * D
     assert (OFF_V + BN * D) * 2 == cfg.forward_shared_bytes
 
-    make_loader, smem_offset, mma, pack = make_mma_tile_ops(cfg, dtype_name)
+    make_loader, make_offset, mma, pack = make_mma_tile_ops(cfg, dtype_name)
     load_q = make_loader(BM)
     load_kv = make_loader(BN)
+    q_offset = make_offset(BM)
+    kv_offset = make_offset(BN)
     _, from_acc = element_codec(dtype_name)
 
-    def load_q_fragments(qf, smem, warp, lane):
-        """Q's A-fragments for this warp's rows, from the swizzled Q tile."""
+    def load_q_fragment(qf, kk, smem, warp, lane):
+        """Q's A-fragments for k-step kk (16 head-dim columns) of this warp's rows."""
         mat = lane >> 3
-        r8 = lane & 7
+        col = kk * 16 + (mat >> 1) * 8
         for mt in range(MT):
-            row = warp * WM + mt * 16 + (mat & 1) * 8 + r8
-            for kk in range(KS):
-                col = kk * 16 + (mat >> 1) * 8
-                a = ops.ldmatrix_x4(ops.smem_addr(smem, OFF_Q + smem_offset(row, col)))
-                for i in range(4):
-                    qf[mt, kk, i] = a[i]
+            row = warp * WM + mt * 16 + (mat & 1) * 8 + (lane & 7)
+            a = ops.ldmatrix_x4(ops.smem_addr(smem, OFF_Q + q_offset(row, col)))
+            for i in range(4):
+                qf[mt, kk if Q_IN_REGS else 0, i] = a[i]
 
-    def scores(s, qf, smem, lane):
-        """s = Q K_j^T as mma accumulators: s[mt, nt] holds rows g, g+8 and keys
-        2t, 2t+1 of the 16x8 tile (mt, nt)."""
+    load_q_fragment_d = device(load_q_fragment)
+
+    def load_q_step(kk, qf, smem, warp, lane):
+        load_q_fragment_d(qf, kk, smem, warp, lane)
+
+    load_q_fragments = static_loop(KS, device(load_q_step))
+
+    def qk_step(step, s, qf, smem, warp, lane):
+        """One 16-dim by 16-key step of S = Q K_j^T: an ldmatrix of K, two mma per m-tile.
+
+        s[mt, nt] holds rows g, g+8 and keys 2t, 2t+1 of the 16x8 tile (mt, nt). With
+        Q_IN_REGS the Q fragments were loaded once per block; otherwise (large head
+        dims, where registers are short) each k-step reloads its fragment from shared
+        memory, FlashAttention-2's choice for head dim 128 and up."""
+        kk = step // (NS // 2)
+        nt2 = step - kk * (NS // 2)
+        if not Q_IN_REGS and nt2 == 0:
+            load_q_fragment_d(qf, kk, smem, warp, lane)
+        q_kk = kk if Q_IN_REGS else 0
         mat = lane >> 3
-        r8 = lane & 7
+        row = nt2 * 16 + (mat >> 1) * 8 + (lane & 7)
+        col = kk * 16 + (mat & 1) * 8
+        b = ops.ldmatrix_x4(ops.smem_addr(smem, OFF_K + kv_offset(row, col)))
+        for mt in range(MT):
+            for half in range(2):
+                nt = 2 * nt2 + half
+                c = mma(qf[mt, q_kk, 0], qf[mt, q_kk, 1], qf[mt, q_kk, 2], qf[mt, q_kk, 3],
+                        b[2 * half], b[2 * half + 1],
+                        s[mt, nt, 0], s[mt, nt, 1], s[mt, nt, 2], s[mt, nt, 3])
+                for i in range(4):
+                    s[mt, nt, i] = c[i]
+
+    qk_steps = static_loop(NS // 2 * KS, device(qk_step))
+
+    def scores(s, qf, smem, warp, lane):
+        """s = Q K_j^T as mma accumulators."""
         for mt in range(MT):
             for nt in range(NS):
                 for i in range(4):
                     s[mt, nt, i] = 0.0
-        for nt2 in range(NS // 2):
-            row = nt2 * 16 + (mat >> 1) * 8 + r8
-            for kk in range(KS):
-                col = kk * 16 + (mat & 1) * 8
-                b = ops.ldmatrix_x4(ops.smem_addr(smem, OFF_K + smem_offset(row, col)))
-                for mt in range(MT):
-                    for half in range(2):
-                        nt = 2 * nt2 + half
-                        c = mma(qf[mt, kk, 0], qf[mt, kk, 1], qf[mt, kk, 2], qf[mt, kk, 3],
-                                b[2 * half], b[2 * half + 1],
-                                s[mt, nt, 0], s[mt, nt, 1], s[mt, nt, 2], s[mt, nt, 3])
-                        for i in range(4):
-                            s[mt, nt, i] = c[i]
+        qk_steps(s, qf, smem, warp, lane)
 
     def apply_mask(s, row0, n0, seqlen_q, seqlen_k, lane):
         """-inf for keys past seqlen_k and, when causal, above the diagonal."""
@@ -191,26 +215,41 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                 else:
                     l[mt, half] += row_sum
 
-    def accumulate_pv(o, s, smem, lane):
-        """o += P V_j with P taken from the score accumulators, rounded to 16 bits."""
+    def pack_p(step, pf, s):
+        """P's A-fragments for keys [16 step, 16 step + 16): the accumulators of n-tiles
+        2 step and 2 step + 1, rounded to 16 bits, are exactly that layout."""
+        for mt in range(MT):
+            pf[mt, step, 0] = pack(s[mt, 2 * step, 0], s[mt, 2 * step, 1])
+            pf[mt, step, 1] = pack(s[mt, 2 * step, 2], s[mt, 2 * step, 3])
+            pf[mt, step, 2] = pack(s[mt, 2 * step + 1, 0], s[mt, 2 * step + 1, 1])
+            pf[mt, step, 3] = pack(s[mt, 2 * step + 1, 2], s[mt, 2 * step + 1, 3])
+
+    def pv_step(step, o, pf, smem, lane):
+        """One 16-key by 16-column step of O += P V_j: an ldmatrix.trans of V, two mma
+        per m-tile."""
+        kk = step // (DT // 2)
+        dt2 = step - kk * (DT // 2)
         mat = lane >> 3
-        r8 = lane & 7
-        for kk in range(KP):
-            row = kk * 16 + (mat & 1) * 8 + r8
-            for dt2 in range(DT // 2):
-                col = dt2 * 16 + (mat >> 1) * 8
-                vb = ops.ldmatrix_x4_trans(ops.smem_addr(smem, OFF_V + smem_offset(row, col)))
-                for mt in range(MT):
-                    a0 = pack(s[mt, 2 * kk, 0], s[mt, 2 * kk, 1])
-                    a1 = pack(s[mt, 2 * kk, 2], s[mt, 2 * kk, 3])
-                    a2 = pack(s[mt, 2 * kk + 1, 0], s[mt, 2 * kk + 1, 1])
-                    a3 = pack(s[mt, 2 * kk + 1, 2], s[mt, 2 * kk + 1, 3])
-                    for half in range(2):
-                        dt = 2 * dt2 + half
-                        c = mma(a0, a1, a2, a3, vb[2 * half], vb[2 * half + 1],
-                                o[mt, dt, 0], o[mt, dt, 1], o[mt, dt, 2], o[mt, dt, 3])
-                        for i in range(4):
-                            o[mt, dt, i] = c[i]
+        row = kk * 16 + (mat & 1) * 8 + (lane & 7)
+        col = dt2 * 16 + (mat >> 1) * 8
+        vb = ops.ldmatrix_x4_trans(ops.smem_addr(smem, OFF_V + kv_offset(row, col)))
+        for mt in range(MT):
+            for half in range(2):
+                dt = 2 * dt2 + half
+                c = mma(pf[mt, kk, 0], pf[mt, kk, 1], pf[mt, kk, 2], pf[mt, kk, 3],
+                        vb[2 * half], vb[2 * half + 1],
+                        o[mt, dt, 0], o[mt, dt, 1], o[mt, dt, 2], o[mt, dt, 3])
+                for i in range(4):
+                    o[mt, dt, i] = c[i]
+
+    pack_p_steps = static_loop(KP, device(pack_p))
+    pv_steps = static_loop(KP * DT // 2, device(pv_step))
+
+    def accumulate_pv(o, s, smem, lane):
+        """o += P V_j with P taken from the score accumulators."""
+        pf = cuda.local.array((MT, KP, 4), np.uint32)
+        pack_p_steps(pf, s)
+        pv_steps(o, pf, smem, lane)
 
     def write_output(out, lse, o, m, l, b, h, row0, seqlen_q, head_dim, scale_log2, lane):
         """O = o / l and lse = (m c + log2 l) ln 2 for this thread's rows."""
@@ -233,7 +272,6 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                         lse[b, h, row] = ((m[mt, half] * scale_log2 + math.log2(total)) * LN2
                                           if total > 0.0 else NEG_INF)
 
-    load_q_fragments_d = device(load_q_fragments)
     scores_d = device(scores)
     apply_mask_d = device(apply_mask)
     online_softmax_d = device(online_softmax)
@@ -258,7 +296,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         row0 = m0 + warp * WM
 
         smem = cuda.shared.array(0, U16)
-        qf = cuda.local.array((MT, KS, 4), np.uint32)
+        qf = cuda.local.array((MT, QF_STEPS, 4), np.uint32)
         s = cuda.local.array((MT, NS, 4), np.float32)
         o = cuda.local.array((MT, DT, 4), np.float32)
         m = cuda.local.array((MT, 2), np.float32)
@@ -279,7 +317,8 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
             ops.cp_async_commit()
             ops.cp_async_wait(0)
             cuda.syncthreads()
-            load_q_fragments_d(qf, smem, warp, lane)
+            if Q_IN_REGS:
+                load_q_fragments(qf, smem, warp, lane)
 
         # ---- Mainloop over key/value tiles
         for n_block in range(n_start, n_end):
@@ -288,7 +327,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
             cuda.syncthreads()              # K_j has landed; everyone is done with V_{j-1}
             load_kv(smem, OFF_V, v, b, n0, seqlen_k, h_kv, head_dim, tid)
             ops.cp_async_commit()
-            scores_d(s, qf, smem, lane)
+            scores_d(s, qf, smem, warp, lane)
             if tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL):
                 apply_mask_d(s, row0, n0, seqlen_q, seqlen_k, lane)
             ops.cp_async_wait(0)

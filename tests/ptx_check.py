@@ -1,0 +1,84 @@
+"""Compile every nbflash kernel for sm_90 on the CPU and report its resources.
+
+Run as a script (``python tests/ptx_check.py``), never under the simulator: it
+builds PTX with ``numba.cuda.compile_ptx`` and links it with nvJitLink, which needs
+``numba-cuda[cu13]`` but no GPU or driver. Prints one JSON line per kernel:
+name, registers, spill bytes, and which instructions the PTX holds.
+"""
+import json
+import os
+import re
+import sys
+
+os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+
+import numba.cuda.dispatcher as _dispatcher  # noqa: E402
+
+
+class _SM90:
+    compute_capability = (9, 0)
+
+
+# compile_ptx asks the (absent) current device for its compute capability when a
+# kernel calls device functions; answer for it. Only ever done in this script.
+_dispatcher.get_current_device = lambda: _SM90()
+
+from numba import cuda  # noqa: E402
+
+
+def link_log(ptx):
+    from cuda.bindings import nvjitlink
+    h = nvjitlink.create(2, ["-arch=sm_90", "-verbose"])
+    data = ptx.encode()
+    nvjitlink.add_data(h, nvjitlink.InputType.PTX, data, len(data), "kernel.ptx")
+    nvjitlink.complete(h)
+    buf = bytearray(nvjitlink.get_info_log_size(h))
+    nvjitlink.get_info_log(h, buf)
+    nvjitlink.destroy(h)
+    return buf.decode(errors="replace")
+
+
+def resources(log):
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    stack = re.search(r"(\d+) bytes stack frame", log)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_store_bytes": int(spills.group(1)) if spills else None,
+            "spill_load_bytes": int(spills.group(2)) if spills else None,
+            "stack_bytes": int(stack.group(1)) if stack else None}
+
+
+def kernels():
+    """(name, dispatcher, signature) for every kernel configuration nbflash selects."""
+    from nbflash import config
+    from nbflash._launch import array_type
+    from nbflash.kernels.forward_mma import build_forward_mma
+    from numba import types
+    f32 = types.float32
+    for dtype in config.MMA_DTYPES:
+        for bucket in config.HEAD_DIM_BUCKETS:
+            cfg = config.select_forward_mma(bucket)
+            for causal in (False, True):
+                sig = ([array_type("uint16", 4)] * 3
+                       + [array_type(config.STORAGE[dtype], 4), array_type("float32", 3), f32])
+                yield (f"forward_mma {dtype} d{bucket} {'causal' if causal else 'full'} "
+                       f"{cfg.block_m}x{cfg.block_n}x{cfg.warps}w",
+                       build_forward_mma(cfg, dtype, causal), tuple(sig))
+
+
+def main(names=None):
+    results = []
+    for name, dispatcher, sig in kernels():
+        if names and not any(n in name for n in names):
+            continue
+        ptx, _ = cuda.compile_ptx(dispatcher.py_func, sig, cc=(9, 0), lineinfo=False)
+        info = {"kernel": name, **resources(link_log(ptx)),
+                "mma_sync": ptx.count("mma.sync.aligned"), "ldmatrix": ptx.count("ldmatrix"),
+                "cp_async": ptx.count("cp.async.cg"), "local_ld_st": len(re.findall(r"\b(ld|st)\.local", ptx))}
+        print(json.dumps(info), flush=True)
+        results.append(info)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
