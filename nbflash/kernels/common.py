@@ -25,8 +25,10 @@ def static_loop(n, body):
     with every i a compile-time constant.
 
     NVVM leaves long loops rolled, and a register array (mma fragments, accumulators)
-    indexed by a run-time counter is moved to local memory. Chaining inlined calls,
-    one per i, gives straight-line code with constant indices: ``#pragma unroll``.
+    indexed by a run-time counter is moved to local memory. Chained inlined calls,
+    one per i, give straight-line code with constant indices: ``#pragma unroll``.
+    (A balanced tree of calls types faster but measured 70 more registers on the
+    head-dim-128 forward kernel; the chain is kept.)
     """
     @device
     def loop(*args):

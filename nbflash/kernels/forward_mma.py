@@ -56,31 +56,40 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
 
         return offset
 
+    GROUPS = NT // 8             # groups of 8 threads; a group copies one chunk of 8 rows
+    assert GROUPS % CHUNKS == 0 or CHUNKS % GROUPS == 0, (GROUPS, CHUNKS)
+
     def make_loader(rows):
         assert rows % 8 == 0 and (rows * CHUNKS) % NT == 0, (rows, CHUNKS, NT)
-        per_thread = rows * CHUNKS // NT
+        passes = rows * CHUNKS // NT
         offset = make_offset(rows)
 
-        def load_tile_async(smem, base, src, b, row0, n_rows, head, head_dim, tid):
+        def load_tile_async(smem_base, base, src, b, row0, n_rows, head, head_dim, tid):
             """cp.async of rows [row0, row0 + rows) of src[b, :, head, :] into the tile at
             ``base``; rows past n_rows and chunks past head_dim are zero-filled.
 
             Eight consecutive threads copy one chunk column of eight rows: each warp
-            writes 128-byte runs of shared memory and reads whole 32-byte sectors."""
-            for it in range(per_thread):
-                idx = tid + it * NT
-                r8 = idx & 7
-                rest = idx >> 3
-                rb = rest // CHUNKS
-                ch = rest - rb * CHUNKS
-                r = rb * 8 + r8
+            writes 128-byte runs of shared memory and reads whole 32-byte sectors. A
+            thread's chunks and rows follow a fixed pattern, so its global addresses
+            are one base plus multiples of the row stride."""
+            group = tid >> 3
+            r8 = tid & 7
+            row_stride = src.strides[1]
+            origin = ops.global_addr(src, b, 0, head, 0)
+            for it in range(passes):
+                if GROUPS >= CHUNKS:     # each group keeps one chunk, steps over rows
+                    ch = group % CHUNKS
+                    r = (group // CHUNKS + it * (GROUPS // CHUNKS)) * 8 + r8
+                else:                    # a group steps over chunks, then rows
+                    ch = group + (it % (CHUNKS // GROUPS)) * GROUPS
+                    r = (it // (CHUNKS // GROUPS)) * 8 + r8
                 row = row0 + r
                 inside = row < n_rows and ch * 8 < head_dim
                 # A zero-byte copy reads nothing, but its address must still be valid.
                 src_row = row if row < n_rows else n_rows - 1
-                src_col = ch * 8 if inside else 0
-                dst = ops.smem_addr(smem, base + offset(r, ch * 8))
-                ops.cp_async_16(dst, ops.global_addr(src, b, src_row, head, src_col),
+                src_byte = ch * 16 if inside else 0
+                dst = smem_base + 2 * (base + offset(r, ch * 8))
+                ops.cp_async_16(dst, origin + np.uint64(src_row * row_stride + src_byte),
                                 np.uint32(16) if inside else np.uint32(0))
 
         return device(load_tile_async)
@@ -107,6 +116,12 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     QF_STEPS = KS if Q_IN_REGS else 1      # k-steps of Q fragments held at once
     CAUSAL = causal
     SALT = ops.SOURCE_SALT
+    # Typed constants: a bare Python float is a float64 to Numba and drags the
+    # softmax into double precision and conversions.
+    ZERO = np.float32(0.0)
+    ONE = np.float32(1.0)
+    MINUS_INF = np.float32(NEG_INF)
+    LN2_32 = np.float32(LN2)
 
     OFF_Q = 0
     OFF_K = OFF_Q + BM * D
@@ -120,24 +135,24 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     kv_offset = make_offset(BN)
     _, from_acc = element_codec(dtype_name)
 
-    def load_q_fragment(qf, kk, smem, warp, lane):
+    def load_q_fragment(qf, kk, smem_base, warp, lane):
         """Q's A-fragments for k-step kk (16 head-dim columns) of this warp's rows."""
         mat = lane >> 3
         col = kk * 16 + (mat >> 1) * 8
         for mt in range(MT):
             row = warp * WM + mt * 16 + (mat & 1) * 8 + (lane & 7)
-            a = ops.ldmatrix_x4(ops.smem_addr(smem, OFF_Q + q_offset(row, col)))
+            a = ops.ldmatrix_x4(smem_base + 2 * (OFF_Q + q_offset(row, col)))
             for i in range(4):
                 qf[mt, kk if Q_IN_REGS else 0, i] = a[i]
 
     load_q_fragment_d = device(load_q_fragment)
 
-    def load_q_step(kk, qf, smem, warp, lane):
-        load_q_fragment_d(qf, kk, smem, warp, lane)
+    def load_q_step(kk, qf, smem_base, warp, lane):
+        load_q_fragment_d(qf, kk, smem_base, warp, lane)
 
     load_q_fragments = static_loop(KS, device(load_q_step))
 
-    def qk_step(step, s, qf, smem, warp, lane):
+    def qk_step(step, s, qf, smem_base, warp, lane):
         """One 16-dim by 16-key step of S = Q K_j^T: an ldmatrix of K, two mma per m-tile.
 
         s[mt, nt] holds rows g, g+8 and keys 2t, 2t+1 of the 16x8 tile (mt, nt). With
@@ -147,12 +162,12 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         kk = step // (NS // 2)
         nt2 = step - kk * (NS // 2)
         if not Q_IN_REGS and nt2 == 0:
-            load_q_fragment_d(qf, kk, smem, warp, lane)
+            load_q_fragment_d(qf, kk, smem_base, warp, lane)
         q_kk = kk if Q_IN_REGS else 0
         mat = lane >> 3
         row = nt2 * 16 + (mat >> 1) * 8 + (lane & 7)
         col = kk * 16 + (mat & 1) * 8
-        b = ops.ldmatrix_x4(ops.smem_addr(smem, OFF_K + kv_offset(row, col)))
+        b = ops.ldmatrix_x4(smem_base + 2 * (OFF_K + kv_offset(row, col)))
         for mt in range(MT):
             for half in range(2):
                 nt = 2 * nt2 + half
@@ -164,13 +179,13 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
     qk_steps = static_loop(NS // 2 * KS, device(qk_step))
 
-    def scores(s, qf, smem, warp, lane):
+    def scores(s, qf, smem_base, warp, lane):
         """s = Q K_j^T as mma accumulators."""
         for mt in range(MT):
             for nt in range(NS):
                 for i in range(4):
-                    s[mt, nt, i] = 0.0
-        qk_steps(s, qf, smem, warp, lane)
+                    s[mt, nt, i] = ZERO
+        qk_steps(s, qf, smem_base, warp, lane)
 
     def apply_mask(s, row0, n0, seqlen_q, seqlen_k, lane):
         """-inf for keys past seqlen_k and, when causal, above the diagonal."""
@@ -182,7 +197,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                 for nt in range(NS):
                     key = n0 + nt * 8 + 2 * t + (i & 1)
                     if key >= seqlen_k or (CAUSAL and key > row + seqlen_k - seqlen_q):
-                        s[mt, nt, i] = NEG_INF
+                        s[mt, nt, i] = MINUS_INF
 
     def online_softmax(s, o, m, l, scale_log2):
         """Turns s into P = exp2(S c - m_new c) in place, updates the running max m and
@@ -198,8 +213,8 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                 m_new = max(m_new, ops.shfl_xor(m_new, 2))
                 # A row that has seen no key keeps m = -inf; shift by 0 so that
                 # exp2(-inf - 0) = 0 and no inf - inf is formed.
-                m_scaled = m_new * scale_log2 if m_new != NEG_INF else 0.0
-                row_sum = 0.0
+                m_scaled = m_new * scale_log2 if m_new != MINUS_INF else ZERO
+                row_sum = ZERO
                 for nt in range(NS):
                     for j in range(2):
                         p = ops.ex2(cuda.fma(s[mt, nt, 2 * half + j], scale_log2, -m_scaled))
@@ -224,7 +239,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
             pf[mt, step, 2] = pack(s[mt, 2 * step + 1, 0], s[mt, 2 * step + 1, 1])
             pf[mt, step, 3] = pack(s[mt, 2 * step + 1, 2], s[mt, 2 * step + 1, 3])
 
-    def pv_step(step, o, pf, smem, lane):
+    def pv_step(step, o, pf, smem_base, lane):
         """One 16-key by 16-column step of O += P V_j: an ldmatrix.trans of V, two mma
         per m-tile."""
         kk = step // (DT // 2)
@@ -232,7 +247,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         mat = lane >> 3
         row = kk * 16 + (mat & 1) * 8 + (lane & 7)
         col = dt2 * 16 + (mat >> 1) * 8
-        vb = ops.ldmatrix_x4_trans(ops.smem_addr(smem, OFF_V + kv_offset(row, col)))
+        vb = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_V + kv_offset(row, col)))
         for mt in range(MT):
             for half in range(2):
                 dt = 2 * dt2 + half
@@ -245,11 +260,11 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     pack_p_steps = static_loop(KP, device(pack_p))
     pv_steps = static_loop(KP * DT // 2, device(pv_step))
 
-    def accumulate_pv(o, s, smem, lane):
+    def accumulate_pv(o, s, smem_base, lane):
         """o += P V_j with P taken from the score accumulators."""
         pf = cuda.local.array((MT, KP, 4), np.uint32)
         pack_p_steps(pf, s)
-        pv_steps(o, pf, smem, lane)
+        pv_steps(o, pf, smem_base, lane)
 
     def write_output(out, lse, o, m, l, b, h, row0, seqlen_q, head_dim, scale_log2, lane):
         """O = o / l and lse = (m c + log2 l) ln 2 for this thread's rows."""
@@ -261,7 +276,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                 total = l[mt, half]
                 total += ops.shfl_xor(total, 1)
                 total += ops.shfl_xor(total, 2)
-                inv = 1.0 / total if total > 0.0 else 0.0    # rows that saw no key give 0
+                inv = ONE / total if total > ZERO else ZERO   # rows that saw no key give 0
                 if row < seqlen_q:
                     for dt in range(DT):
                         for j in range(2):
@@ -269,8 +284,8 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                             if col < head_dim:
                                 out[b, row, h, col] = from_acc(o[mt, dt, 2 * half + j] * inv)
                     if t == 0:
-                        lse[b, h, row] = ((m[mt, half] * scale_log2 + math.log2(total)) * LN2
-                                          if total > 0.0 else NEG_INF)
+                        lse[b, h, row] = ((m[mt, half] * scale_log2 + math.log2(total)) * LN2_32
+                                          if total > ZERO else MINUS_INF)
 
     scores_d = device(scores)
     apply_mask_d = device(apply_mask)
@@ -296,6 +311,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         row0 = m0 + warp * WM
 
         smem = cuda.shared.array(0, U16)
+        smem_base = ops.smem_addr(smem, 0)   # 32-bit shared address; tiles are offsets
         qf = cuda.local.array((MT, QF_STEPS, 4), np.uint32)
         s = cuda.local.array((MT, NS, 4), np.float32)
         o = cuda.local.array((MT, DT, 4), np.float32)
@@ -304,39 +320,39 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         for mt in range(MT):
             for dt in range(DT):
                 for i in range(4):
-                    o[mt, dt, i] = 0.0
+                    o[mt, dt, i] = ZERO
             for half in range(2):
-                m[mt, half] = NEG_INF
-                l[mt, half] = 0.0
+                m[mt, half] = MINUS_INF
+                l[mt, half] = ZERO
 
         # ---- Prologue: Q and the first K tile in flight; Q into registers
         n_start, n_end = key_tile_range(m_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
         if n_start < n_end:
-            load_q(smem, OFF_Q, q, b, m0, seqlen_q, h, head_dim, tid)
-            load_kv(smem, OFF_K, k, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
+            load_q(smem_base, OFF_Q, q, b, m0, seqlen_q, h, head_dim, tid)
+            load_kv(smem_base, OFF_K, k, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
             ops.cp_async_commit()
             ops.cp_async_wait(0)
             cuda.syncthreads()
             if Q_IN_REGS:
-                load_q_fragments(qf, smem, warp, lane)
+                load_q_fragments(qf, smem_base, warp, lane)
 
         # ---- Mainloop over key/value tiles
         for n_block in range(n_start, n_end):
             n0 = n_block * BN
             ops.cp_async_wait(0)
             cuda.syncthreads()              # K_j has landed; everyone is done with V_{j-1}
-            load_kv(smem, OFF_V, v, b, n0, seqlen_k, h_kv, head_dim, tid)
+            load_kv(smem_base, OFF_V, v, b, n0, seqlen_k, h_kv, head_dim, tid)
             ops.cp_async_commit()
-            scores_d(s, qf, smem, warp, lane)
+            scores_d(s, qf, smem_base, warp, lane)
             if tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL):
                 apply_mask_d(s, row0, n0, seqlen_q, seqlen_k, lane)
             ops.cp_async_wait(0)
             cuda.syncthreads()              # V_j has landed; everyone is done with K_j
             if n_block + 1 < n_end:
-                load_kv(smem, OFF_K, k, b, n0 + BN, seqlen_k, h_kv, head_dim, tid)
+                load_kv(smem_base, OFF_K, k, b, n0 + BN, seqlen_k, h_kv, head_dim, tid)
                 ops.cp_async_commit()
             online_softmax_d(s, o, m, l, scale_log2)
-            accumulate_pv_d(o, s, smem, lane)
+            accumulate_pv_d(o, s, smem_base, lane)
 
         # ---- Epilogue
         # The inputs' head dim may be zero-padded to a multiple of 8; the output's is not.

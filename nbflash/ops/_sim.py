@@ -55,7 +55,7 @@ def global_addr(arr, i0, i1, i2, i3):
 
 
 def cp_async_16(dst, src, src_bytes):
-    n = int(src_bytes)
+    n, dst, src = int(src_bytes), int(dst), int(src)
     if n:
         ctypes.memmove(dst, src, n)
     if n < 16:
