@@ -123,6 +123,12 @@ class MmaConfig:
         """Q, K and V tiles of 16-bit elements."""
         return (self.block_m + 2 * self.block_n) * self.head_dim * 2
 
+    @property
+    def backward_shared_bytes(self):
+        """K, V (block_n rows), Q, dO (block_m rows), dS^T (16-bit) and two float32 rows."""
+        return ((2 * self.block_n + 2 * self.block_m) * self.head_dim * 2
+                + self.block_n * self.block_m * 2 + 2 * self.block_m * 4)
+
     def check(self):
         chunks = self.head_dim // 8
         if self.block_m % (16 * self.warps) or self.block_n % 16 or self.head_dim % 16:
@@ -141,10 +147,22 @@ FORWARD_MMA_TILES = {
     128: MmaConfig(64, 64, 128, 4, q_in_registers=False),
     256: MmaConfig(64, 32, 256, 4, q_in_registers=False),
 }
+#: Tensor-core backward tiles: block_n = 16 keys per warp, block_m queries per tile.
+BACKWARD_MMA_TILES = {
+    32: MmaConfig(64, 64, 32, 4),
+    64: MmaConfig(64, 64, 64, 4),
+    128: MmaConfig(64, 64, 128, 4),
+    256: MmaConfig(32, 32, 256, 2),
+}
 #: Under the simulator: one warp, so each warp-collective costs one exchange.
 SIMULATOR_MMA_TILE = {d: MmaConfig(16, 16, d, 1) for d in HEAD_DIM_BUCKETS}
 #: Input dtypes that run on tensor cores.
 MMA_DTYPES = ("float16", "bfloat16")
+
+
+def select_backward_mma(head_dim, simulator=False):
+    bucket = head_dim_bucket(head_dim)
+    return (SIMULATOR_MMA_TILE if simulator else BACKWARD_MMA_TILES)[bucket]
 
 
 def select_forward_mma(head_dim, simulator=False):

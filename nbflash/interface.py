@@ -8,6 +8,7 @@ import numpy as np
 from . import _validate, config, ops
 from ._launch import array_type, get_kernel, scalar_type
 from .kernels.backward import ROW_THREADS, build_backward, build_convert, build_preprocess
+from .kernels.backward_mma import build_backward_mma
 from .kernels.common import LOG2E
 from .kernels.forward import build_forward
 from .kernels.forward_mma import build_forward_mma
@@ -203,17 +204,30 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
                      [array_type(store, 4)] * 2 + [array_type(acc, 3), array_type(acc, 4)], 0)
     pre(rows_grid, (ROW_THREADS,), [_kernel_view(dout), _kernel_view(out), delta, dq_accum])
 
-    cfg = config.select_backward(name, head_dim, ops.SIMULATOR)
-    elements = config.backward_shared_elements(cfg)
-    nbytes = config.check_fits(cfg, elements, name)
     scale_acc, scale_log2 = acc(scale), acc(scale * LOG2E)
-    signature = ([array_type(store, 4)] * 4 + [array_type(acc, 3)] * 2 + [array_type(acc, 4)]
-                 + [array_type(store, 4)] * 2 + [scalar_type(scale_acc)] * 2)
-    main = get_kernel(("backward", cfg, name, causal),
-                      lambda: build_backward(cfg, name, causal), signature, nbytes)
+    if name in config.MMA_DTYPES:
+        cfg = config.select_backward_mma(head_dim, ops.SIMULATOR)
+        cfg.check()
+        inputs = [_chunk_layout(x).view(np.uint16) for x in (q, k, v, dout)]
+        signature = ([array_type(np.uint16, 4)] * 4 + [array_type(acc, 3)] * 2
+                     + [array_type(acc, 4)] + [array_type(store, 4)] * 2
+                     + [scalar_type(scale_acc)] * 2)
+        main = get_kernel(("backward_mma", cfg, name, causal),
+                          lambda: build_backward_mma(cfg, name, causal), signature,
+                          cfg.backward_shared_bytes)
+    else:
+        cfg = config.select_backward(name, head_dim, ops.SIMULATOR)
+        elements = config.backward_shared_elements(cfg)
+        nbytes = config.check_fits(cfg, elements, name)
+        inputs = [_kernel_view(x) for x in (q, k, v, dout)]
+        signature = ([array_type(store, 4)] * 4 + [array_type(acc, 3)] * 2
+                     + [array_type(acc, 4)] + [array_type(store, 4)] * 2
+                     + [scalar_type(scale_acc)] * 2)
+        main = get_kernel(("backward", cfg, name, causal),
+                          lambda: build_backward(cfg, name, causal), signature, nbytes)
     main((_cdiv(seqlen_k, cfg.block_n), nheads_k, batch), (cfg.threads,),
-         [_kernel_view(q), _kernel_view(k), _kernel_view(v), _kernel_view(dout), lse, delta,
-          dq_accum, _kernel_view(dk), _kernel_view(dv), scale_acc, scale_log2])
+         inputs + [lse, delta, dq_accum, _kernel_view(dk), _kernel_view(dv), scale_acc,
+                   scale_log2])
 
     if np.dtype(q.dtype) == np.dtype(acc):
         return dq_accum, dk, dv

@@ -52,6 +52,7 @@ def kernels():
     """(name, dispatcher, signature) for every kernel configuration nbflash selects."""
     from nbflash import config
     from nbflash._launch import array_type
+    from nbflash.kernels.backward_mma import build_backward_mma
     from nbflash.kernels.forward_mma import build_forward_mma
     from numba import types
     f32 = types.float32
@@ -64,6 +65,13 @@ def kernels():
                 yield (f"forward_mma {dtype} d{bucket} {'causal' if causal else 'full'} "
                        f"{cfg.block_m}x{cfg.block_n}x{cfg.warps}w",
                        build_forward_mma(cfg, dtype, causal), tuple(sig))
+                bcfg = config.select_backward_mma(bucket)
+                store = config.STORAGE[dtype]
+                sig = ([array_type("uint16", 4)] * 4 + [array_type("float32", 3)] * 2
+                       + [array_type("float32", 4)] + [array_type(store, 4)] * 2 + [f32, f32])
+                yield (f"backward_mma {dtype} d{bucket} {'causal' if causal else 'full'} "
+                       f"{bcfg.block_m}x{bcfg.block_n}x{bcfg.warps}w",
+                       build_backward_mma(bcfg, dtype, causal), tuple(sig))
 
 
 def main(names=None):

@@ -23,7 +23,7 @@ from numba.cuda.np.arrayobj import make_array, populate_array
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
            "pack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
-           "shfl_xor"]
+           "shfl_xor", "st_shared_u32"]
 
 _i32 = ir.IntType(32)
 _i64 = ir.IntType(64)
@@ -265,3 +265,16 @@ def cp_async_wait(typingctx, n):
 def shfl_xor(value, lane_mask):
     """``value`` of lane ``lane ^ lane_mask`` (all 32 lanes take part)."""
     return cuda.shfl_xor_sync(0xFFFFFFFF, value, lane_mask)
+
+
+@intrinsic
+def st_shared_u32(typingctx, addr, value):
+    """Stores a 32-bit value at a 32-bit shared-memory address."""
+    sig = types.void(types.uint32, types.uint32)
+
+    def codegen(context, builder, sig, args):
+        _asm(builder, ir.VoidType(), list(args), "st.shared.u32 [$0], $1;", "r,r,~{memory}",
+             side_effect=True)
+        return context.get_dummy_value()
+
+    return sig, codegen

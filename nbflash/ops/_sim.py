@@ -18,7 +18,7 @@ import numpy as np
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
            "pack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
-           "shfl_xor"]
+           "shfl_xor", "st_shared_u32"]
 
 
 def smem_view2d(arr, offset, rows, cols):
@@ -60,6 +60,10 @@ def cp_async_16(dst, src, src_bytes):
         ctypes.memmove(dst, src, n)
     if n < 16:
         ctypes.memset(dst + n, 0, 16 - n)
+
+
+def st_shared_u32(addr, value):
+    ctypes.c_uint32.from_address(int(addr)).value = int(value)
 
 
 def cp_async_commit():

@@ -1,0 +1,299 @@
+"""FlashAttention backward pass on tensor cores (float16 and bfloat16).
+
+The algorithm of ``backward.py`` (and ``reference/tiled.py::flash_backward``) in the
+FlashAttention-2 arrangement. One thread block per (key tile, kv head, batch) keeps
+K_j and V_j in shared memory and dK_j, dV_j in registers; each warp owns 16 keys.
+For every query head of the GQA group and every query tile i that sees the keys:
+
+    S^T  = K_j Q_i^T                      (keys are the mma's M dimension, so each
+    P^T  = exp2(S^T c - lse_i log2 e)      warp's rows of P^T and dS^T are its keys
+    dP^T = V_j dO_i^T                      and stay in registers)
+    dS^T = P^T * (dP^T - Delta_i)
+    dV_j += P^T dO_i                      (P^T's accumulators are an A-fragment)
+    dK_j += dS^T Q_i
+    dQ_i += dS K_j                        (dS^T goes through shared memory, each warp
+                                           sums all keys for 16 query rows, float32
+                                           atomics into the dQ accumulator)
+
+with c = softmax_scale * log2(e). Q_{i+1} and dO_{i+1} are copied with cp.async while
+tile i's dQ is computed. Query rows past seqlen_q and rows that see no key
+carry lse = +inf, so their P is exp2(-inf) = 0 without a special case.
+"""
+import functools
+
+import numpy as np
+from numba import cuda, from_dtype
+
+from .. import ops
+from ..config import MmaConfig
+from .common import (LOG2E, NEG_INF, device, element_codec, query_tile_range, static_loop,
+                     tile_needs_mask)
+from .forward_mma import make_mma_tile_ops
+
+
+@functools.lru_cache(maxsize=None)
+def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
+    """The tensor-core backward kernel
+    ``(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2)``.
+
+    q, k, v, dout are uint16 views; dk, dv in their storage type; lse, delta float32
+    (batch, nheads, seqlen_q); dq_accum float32 like q. ``cfg.block_m`` is the query
+    tile, ``cfg.block_n`` the key tile (16 keys per warp). Launch with grid
+    ``(ceil(seqlen_k / block_n), nheads_k, batch)``, ``cfg.threads`` threads and
+    ``cfg.backward_shared_bytes`` bytes of dynamic shared memory.
+    """
+    BM, BN, D, NT = cfg.block_m, cfg.block_n, cfg.head_dim, cfg.threads
+    assert BN == 16 * cfg.warps, cfg
+    assert BM % 16 == 0 and BM <= 16 * cfg.warps, cfg   # dQ: one warp per 16 query rows
+    KS = D // 16          # k-steps over the head dim
+    NQ = BM // 8          # 8-query n-tiles of S^T
+    KQ = BM // 16         # k-steps of 16 over the queries
+    DT = D // 8           # 8-column n-tiles of dK, dV, dQ
+    KK = BN // 16         # k-steps of 16 over the keys (dQ = dS K)
+    DQ_WARPS = BM // 16   # warps that compute dQ, 16 query rows each
+    CAUSAL = causal
+    SALT = ops.SOURCE_SALT
+    ZERO = np.float32(0.0)
+    INF = np.float32(np.inf)
+    LOG2E_32 = np.float32(LOG2E)
+
+    # Shared memory, in 16-bit elements, then two float32 rows of BM.
+    OFF_K = 0
+    OFF_V = OFF_K + BN * D
+    OFF_Q = OFF_V + BN * D
+    OFF_DO = OFF_Q + BM * D
+    OFF_DS = OFF_DO + BM * D          # dS^T: BN rows (keys) of BM queries
+    OFF_ROWS = OFF_DS + BN * BM       # lse * log2(e), then Delta, float32
+    assert OFF_ROWS * 2 + 2 * BM * 4 == cfg.backward_shared_bytes
+
+    make_loader, make_offset, mma, pack = make_mma_tile_ops(cfg, dtype_name)
+    load_kv = make_loader(BN)
+    load_q = make_loader(BM)
+    kv_offset = make_offset(BN)
+    q_offset = make_offset(BM)
+    ds_offset = make_offset(BN)
+    _, from_acc = element_codec(dtype_name)
+    F32 = from_dtype(np.float32)
+
+    def load_rows(rows_f32, lse, delta, b, h, m0, seqlen_q, tid):
+        """lse * log2(e) (+inf for rows past seqlen_q and rows that see no key) and
+        Delta for the query tile, into shared memory."""
+        for r in range(tid, BM, NT):
+            row = m0 + r
+            x = INF
+            dl = ZERO
+            if row < seqlen_q:
+                x = lse[b, h, row]
+                x = INF if x == -INF else x * LOG2E_32
+                dl = delta[b, h, row]
+            rows_f32[r] = x
+            rows_f32[BM + r] = dl
+
+    def keys_by_queries(step, acc, a_off, b_off, smem_base, warp, lane):
+        """One 16-dim by 16-query step of acc = A B^T for this warp's 16 keys, with A a
+        key tile (K or V) and B a query tile (Q or dO) in shared memory."""
+        kk = step // (NQ // 2)
+        nq2 = step - kk * (NQ // 2)
+        mat = lane >> 3
+        r8 = lane & 7
+        a = ops.ldmatrix_x4(smem_base + 2 * (a_off + kv_offset(
+            warp * 16 + (mat & 1) * 8 + r8, kk * 16 + (mat >> 1) * 8)))
+        bq = ops.ldmatrix_x4(smem_base + 2 * (b_off + q_offset(
+            nq2 * 16 + (mat >> 1) * 8 + r8, kk * 16 + (mat & 1) * 8)))
+        for half in range(2):
+            nq = 2 * nq2 + half
+            c = mma(a[0], a[1], a[2], a[3], bq[2 * half], bq[2 * half + 1],
+                    acc[nq, 0], acc[nq, 1], acc[nq, 2], acc[nq, 3])
+            for i in range(4):
+                acc[nq, i] = c[i]
+
+    kq_steps = static_loop(KS * NQ // 2, device(keys_by_queries))
+
+    def probabilities(st, dpt, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale_log2,
+                      warp, lane):
+        """st: S^T -> P^T; dpt: dP^T -> dS^T = P^T (dP^T - Delta)."""
+        g = lane >> 2
+        t = lane & 3
+        for nq in range(NQ):
+            for i in range(4):
+                col = nq * 8 + 2 * t + (i & 1)            # query within the tile
+                x = cuda.fma(st[nq, i], scale_log2, -rows_f32[col])
+                if masked:
+                    key = n0 + warp * 16 + g + 8 * (i >> 1)
+                    query = m0 + col
+                    if key >= seqlen_k or (CAUSAL and key > query + seqlen_k - seqlen_q):
+                        x = -INF
+                p = ops.ex2(x)
+                st[nq, i] = p
+                dpt[nq, i] = p * (dpt[nq, i] - rows_f32[BM + col])
+
+    def grad_step(step, acc, frag, b_off, smem_base, lane):
+        """One 16-query by 16-column step of acc += A B, A a P^T or dS^T fragment held
+        in registers, B a query tile (dO or Q) in shared memory."""
+        kq = step // (DT // 2)
+        dt2 = step - kq * (DT // 2)
+        mat = lane >> 3
+        bq = ops.ldmatrix_x4_trans(smem_base + 2 * (b_off + q_offset(
+            kq * 16 + (mat & 1) * 8 + (lane & 7), dt2 * 16 + (mat >> 1) * 8)))
+        for half in range(2):
+            dt = 2 * dt2 + half
+            c = mma(frag[kq, 0], frag[kq, 1], frag[kq, 2], frag[kq, 3],
+                    bq[2 * half], bq[2 * half + 1],
+                    acc[dt, 0], acc[dt, 1], acc[dt, 2], acc[dt, 3])
+            for i in range(4):
+                acc[dt, i] = c[i]
+
+    grad_steps = static_loop(KQ * DT // 2, device(grad_step))
+
+    def pack_step(kq, frag, x):
+        frag[kq, 0] = pack(x[2 * kq, 0], x[2 * kq, 1])
+        frag[kq, 1] = pack(x[2 * kq, 2], x[2 * kq, 3])
+        frag[kq, 2] = pack(x[2 * kq + 1, 0], x[2 * kq + 1, 1])
+        frag[kq, 3] = pack(x[2 * kq + 1, 2], x[2 * kq + 1, 3])
+
+    pack_steps = static_loop(KQ, device(pack_step))
+
+    def store_ds(step, frag, smem_base, warp, lane):
+        """dS^T (already packed to 16 bits) into shared memory, rows = keys."""
+        g = lane >> 2
+        t = lane & 3
+        kq = step
+        for half in range(2):
+            nq = 2 * kq + half
+            for rh in range(2):
+                off = OFF_DS + ds_offset(warp * 16 + g + 8 * rh, nq * 8 + 2 * t)
+                ops.st_shared_u32(smem_base + 2 * off, frag[kq, 2 * half + rh])
+
+    store_ds_steps = static_loop(KQ, device(store_ds))
+
+    def dq_step(step, acc, smem_base, warp, lane):
+        """One 16-key step of dQ = dS K for this warp's query rows and 16 columns."""
+        kk = step // (DT // 2)
+        dt2 = step - kk * (DT // 2)
+        mat = lane >> 3
+        r8 = lane & 7
+        # A = dS (queries x keys) is the transpose of the stored dS^T: ldmatrix.trans.
+        a = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_DS + ds_offset(
+            kk * 16 + (mat >> 1) * 8 + r8, warp * 16 + (mat & 1) * 8)))
+        kb = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_K + kv_offset(
+            kk * 16 + (mat & 1) * 8 + r8, dt2 * 16 + (mat >> 1) * 8)))
+        for half in range(2):
+            dt = 2 * dt2 + half
+            c = mma(a[0], a[1], a[2], a[3], kb[2 * half], kb[2 * half + 1],
+                    acc[dt, 0], acc[dt, 1], acc[dt, 2], acc[dt, 3])
+            for i in range(4):
+                acc[dt, i] = c[i]
+
+    dq_steps = static_loop(KK * DT // 2, device(dq_step))
+
+    load_rows_d = device(load_rows)
+    probabilities_d = device(probabilities)
+    U16 = from_dtype(np.uint16)
+
+    @cuda.jit(**ops.jit_options(cache=True, lineinfo=True))
+    def backward_mma(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2):
+        _ = SALT  # noqa: F841  (part of the cache key)
+        n_block = cuda.blockIdx.x
+        h_kv = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        tid = cuda.threadIdx.x
+        warp = tid >> 5
+        lane = tid & 31
+        g = lane >> 2
+        t = lane & 3
+        seqlen_q = q.shape[1]
+        seqlen_k = k.shape[1]
+        head_dim = q.shape[3]
+        group = q.shape[2] // k.shape[2]
+        n0 = n_block * BN
+
+        smem = cuda.shared.array(0, U16)
+        smem_base = ops.smem_addr(smem, 0)
+        rows_f32 = cuda.shared.array(0, F32)[OFF_ROWS // 2:OFF_ROWS // 2 + 2 * BM]
+
+        dk_acc = cuda.local.array((DT, 4), np.float32)
+        dv_acc = cuda.local.array((DT, 4), np.float32)
+        st = cuda.local.array((NQ, 4), np.float32)
+        dpt = cuda.local.array((NQ, 4), np.float32)
+        frag = cuda.local.array((KQ, 4), np.uint32)
+        dq = cuda.local.array((DT, 4), np.float32)
+        for dt in range(DT):
+            for i in range(4):
+                dk_acc[dt, i] = ZERO
+                dv_acc[dt, i] = ZERO
+
+        # ---- Prologue: K_j, V_j stay; the first Q, dO tile in flight
+        m_start, m_end = query_tile_range(n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
+        n_tiles = m_end - m_start
+        total = group * n_tiles
+        load_kv(smem_base, OFF_K, k, b, n0, seqlen_k, h_kv, head_dim, tid)
+        load_kv(smem_base, OFF_V, v, b, n0, seqlen_k, h_kv, head_dim, tid)
+        if total > 0:
+            load_q(smem_base, OFF_Q, q, b, m_start * BM, seqlen_q, h_kv * group, head_dim, tid)
+            load_q(smem_base, OFF_DO, dout, b, m_start * BM, seqlen_q, h_kv * group, head_dim,
+                   tid)
+            load_rows_d(rows_f32, lse, delta, b, h_kv * group, m_start * BM, seqlen_q, tid)
+        ops.cp_async_commit()
+
+        # ---- Mainloop over the group's query heads and the query tiles that see K_j
+        for it in range(total):
+            h = h_kv * group + it // n_tiles
+            m_block = m_start + it % n_tiles
+            m0 = m_block * BM
+            ops.cp_async_wait(0)
+            cuda.syncthreads()         # Q_i, dO_i, lse_i, Delta_i have landed
+
+            for nq in range(NQ):
+                for i in range(4):
+                    st[nq, i] = ZERO
+                    dpt[nq, i] = ZERO
+            kq_steps(st, OFF_K, OFF_Q, smem_base, warp, lane)     # S^T = K Q^T
+            kq_steps(dpt, OFF_V, OFF_DO, smem_base, warp, lane)   # dP^T = V dO^T
+            masked = tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
+            probabilities_d(st, dpt, rows_f32, n0, m0, seqlen_q, seqlen_k, masked,
+                            scale_log2, warp, lane)
+            pack_steps(frag, st)
+            grad_steps(dv_acc, frag, OFF_DO, smem_base, lane)     # dV += P^T dO
+            pack_steps(frag, dpt)
+            grad_steps(dk_acc, frag, OFF_Q, smem_base, lane)      # dK += dS^T Q
+            store_ds_steps(frag, smem_base, warp, lane)
+            cuda.syncthreads()         # dS^T is visible; Q_i, dO_i, lse_i are free
+
+            if it + 1 < total:         # the next tile's copies overlap this tile's dQ
+                h_next = h_kv * group + (it + 1) // n_tiles
+                m_next = (m_start + (it + 1) % n_tiles) * BM
+                load_q(smem_base, OFF_Q, q, b, m_next, seqlen_q, h_next, head_dim, tid)
+                load_q(smem_base, OFF_DO, dout, b, m_next, seqlen_q, h_next, head_dim, tid)
+                ops.cp_async_commit()
+                load_rows_d(rows_f32, lse, delta, b, h_next, m_next, seqlen_q, tid)
+
+            # dQ_i += scale dS K_j: warp w sums all BN keys for 16 query rows.
+            if warp < DQ_WARPS:
+                for dt in range(DT):
+                    for i in range(4):
+                        dq[dt, i] = ZERO
+                dq_steps(dq, smem_base, warp, lane)
+                for half in range(2):
+                    row = m0 + warp * 16 + g + 8 * half
+                    if row < seqlen_q:
+                        for dt in range(DT):
+                            for j in range(2):
+                                col = dt * 8 + 2 * t + j
+                                if col < dq_accum.shape[3]:   # q's may be padded to 8
+                                    cuda.atomic.add(dq_accum, (b, row, h, col),
+                                                    dq[dt, 2 * half + j] * scale)
+
+        # ---- Epilogue: dK_j, dV_j are complete; written once
+        ops.cp_async_wait(0)
+        out_dim = dk.shape[3]
+        for half in range(2):
+            key = n0 + warp * 16 + g + 8 * half
+            if key < seqlen_k:
+                for dt in range(DT):
+                    for j in range(2):
+                        col = dt * 8 + 2 * t + j
+                        if col < out_dim:
+                            dk[b, key, h_kv, col] = from_acc(dk_acc[dt, 2 * half + j] * scale)
+                            dv[b, key, h_kv, col] = from_acc(dv_acc[dt, 2 * half + j])
+
+    return backward_mma
