@@ -74,8 +74,8 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
             are one base plus multiples of the row stride."""
             group = tid >> 3
             r8 = tid & 7
-            row_stride = src.strides[1]
-            origin = ops.global_addr(src, b, 0, head, 0)
+            row_stride = src.strides[1]                 # bytes; may be negative
+            origin = np.int64(ops.global_addr(src, b, 0, head, 0))
             for it in range(passes):
                 if GROUPS >= CHUNKS:     # each group keeps one chunk, steps over rows
                     ch = group % CHUNKS
@@ -89,7 +89,7 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
                 src_row = row if row < n_rows else n_rows - 1
                 src_byte = ch * 16 if inside else 0
                 dst = smem_base + 2 * (base + offset(r, ch * 8))
-                ops.cp_async_16(dst, origin + np.uint64(src_row * row_stride + src_byte),
+                ops.cp_async_16(dst, np.uint64(origin + src_row * row_stride + src_byte),
                                 np.uint32(16) if inside else np.uint32(0))
 
         return device(load_tile_async)
