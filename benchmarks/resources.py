@@ -1,23 +1,27 @@
 """``python -m benchmarks resources``: registers, shared and local (spill) memory of
-every compiled kernel configuration."""
+every compiled kernel configuration. Prints a markdown table and writes
+``resources.json`` under ``benchmarks/results/<gpu-name>/``."""
+import argparse
 import itertools
 
 import numpy as np
 
+from . import common
 
-def kernels():
-    """Compiles every kernel a call can select; yields (label, nbflash Kernel)."""
-    from nbflash import config, interface
+
+def kernels(dtypes, head_dims):
+    """Compiles every kernel a call can select for these dtypes and head dims (both
+    masks, forward and backward); yields (key, nbflash Kernel)."""
+    from nbflash import interface
     from nbflash._launch import _kernels
     import cupy
+    from .peers import numpy_dtype
     rng = np.random.default_rng(0)
-    for dtype, bucket, causal in itertools.product(config.STORAGE, config.HEAD_DIM_BUCKETS,
-                                                   (False, True)):
-        host_dtype = {"bfloat16": "bfloat16"}.get(dtype, dtype)
-        import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
-        shape = (1, 8, 1, bucket)
+    combos = list(itertools.product(dtypes, head_dims, (False, True)))
+    for dtype, head_dim, causal in common.progress(combos, "compiling"):
+        shape = (1, 8, 1, head_dim)
         q, k, v, do = (cupy.asarray(rng.standard_normal(shape).astype(np.float32)).astype(
-            np.dtype(host_dtype)) for _ in range(4))
+            numpy_dtype(dtype)) for _ in range(4))
         out, lse = interface.attention(q, k, v, causal=causal, return_lse=True)
         interface.attention_backward(do, q, k, v, out, lse, causal=causal)
     cupy.cuda.Device().synchronize()
@@ -25,16 +29,34 @@ def kernels():
         yield key[1], kern
 
 
+def describe(key, kern):
+    """One row: kernel kind, dtype, tile, causal and the compiled resources."""
+    kind = key[0]
+    cfg = next((x for x in key if hasattr(x, "block_m")), None)
+    threads = getattr(cfg, "threads", None)
+    return {"kernel": kind, "dtype": next(x for x in key if isinstance(x, str) and x != kind),
+            "tile": (f"{cfg.block_m}, {cfg.block_n}, {cfg.head_dim}, {threads}" if cfg else "-"),
+            "causal": key[-1] if isinstance(key[-1], bool) else "-", **kern.resources()}
+
+
 def main(argv=None):
-    print("| kernel | dtype | tile (m, n, d, threads) | causal | registers | local bytes "
-          "| dynamic shared bytes |")
-    print("|---|---|---|---|---:|---:|---:|")
-    for key, kern in kernels():
-        r = kern.resources()
-        kind = key[0]
-        cfg = next((x for x in key if hasattr(x, "block_m")), None)
-        tile = (f"{cfg.block_m}, {cfg.block_n}, {cfg.head_dim}, {cfg.threads}" if cfg else "-")
-        dtype = next(x for x in key if isinstance(x, str) and x != kind)
-        causal = key[-1] if isinstance(key[-1], bool) else "-"
-        print(f"| {kind} | {dtype} | {tile} | {causal} | {r['registers']} | "
-              f"{r['local_bytes']} | {r['dynamic_shared_bytes']} |")
+    from nbflash import config
+    ap = argparse.ArgumentParser(prog="python -m benchmarks resources",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dtypes", nargs="+", default=list(config.STORAGE))
+    ap.add_argument("--head-dims", type=int, nargs="+", default=list(config.HEAD_DIM_BUCKETS))
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--out", help="results folder (default benchmarks/results/<gpu-name>)")
+    args = ap.parse_args(argv)
+    if common.exit_without_gpu("resources"):
+        return []
+    rows = [describe(key, kern) for key, kern in kernels(args.dtypes, args.head_dims)]
+    print(common.markdown_table(
+        ["kernel", "dtype", "tile (m, n, d, threads)", "causal", "registers", "local bytes",
+         "dynamic shared bytes"],
+        [[r["kernel"], r["dtype"], r["tile"], r["causal"], r["registers"], r["local_bytes"],
+          r["dynamic_shared_bytes"]] for r in rows], left=4))
+    payload = {"config": vars(args), "rows": rows}
+    for path in filter(None, (common.results_dir(args.out) / "resources.json", args.json)):
+        print(f"wrote {common.write_json(path, payload)}")
+    return rows

@@ -145,7 +145,7 @@ FORWARD_MMA_TILES = {
     32: MmaConfig(64, 64, 32, 4),
     64: MmaConfig(64, 64, 64, 4),
     128: MmaConfig(64, 64, 128, 4, q_in_registers=False),
-    256: MmaConfig(64, 32, 256, 4, q_in_registers=False),
+    256: MmaConfig(64, 16, 256, 4, q_in_registers=False),
 }
 #: Tensor-core backward tiles: block_n = 16 keys per warp, block_m queries per tile.
 BACKWARD_MMA_TILES = {

@@ -19,11 +19,10 @@ them exactly, in bytes, for a given shape and tiling, at two levels of a GPU's m
     and V come from DRAM once per wave for each head the wave holds. Compare with
     ``dram__bytes_read.sum`` and ``dram__bytes_write.sum``.
 
-Standard attention is counted pass by pass over the seqlen_q x seqlen_k score
-matrix, each pass a separate kernel that reads or writes the whole matrix: either
-the paper's three steps (``PAPER_PASSES``) or what ``nbflash/_naive.py`` actually
-does (``NAIVE_PASSES``). Score matrices are far larger than L2, so both levels get
-the same count.
+Standard attention is counted kernel by kernel, each reading or writing whole
+seqlen_q x seqlen_k matrices, far larger than L2, so that one count serves both
+levels: the paper's Algorithm 0 (``standard_attention_io``) or what
+``nbflash/_naive.py`` launches with CuPy (``naive_kernels``, ``naive_attention_io``).
 
 Tile sizes default to the ones nbflash's forward kernel uses (``nbflash.config``),
 or can be given, or derived from an SRAM budget as in the paper's Algorithm 1.
@@ -73,33 +72,6 @@ class FlashIO:
     block_m: int
     block_n: int
     kv_fits_l2: bool
-
-
-@dataclass(frozen=True)
-class Pass:
-    """One kernel of standard attention: how often it reads and writes the score matrix."""
-    what: str
-    reads: int
-    writes: int
-
-
-#: The paper's Algorithm 0: S = Q K^T written; read, P = softmax(S) written; read for P V.
-PAPER_PASSES = (Pass("S = Q K^T", 0, 1), Pass("P = softmax(S)", 1, 1), Pass("O = P V", 1, 0))
-
-#: What ``nbflash._naive.naive_attention`` launches on score-sized arrays, in order.
-NAIVE_PASSES = (
-    Pass("S = Q K^T (matmul)", 0, 1),
-    Pass("S * scale", 1, 1),
-    Pass("row max", 1, 0),
-    Pass("S - max", 1, 1),
-    Pass("exp", 1, 1),
-    Pass("row sum", 1, 0),
-    Pass("P / sum", 1, 1),
-    Pass("O = P V (matmul)", 1, 0),
-)
-#: Added to ``NAIVE_PASSES`` when causal: ``where(mask, S, -inf)`` (the bool mask itself
-#: is counted separately, once).
-NAIVE_CAUSAL_PASS = Pass("where(mask, S, -inf)", 1, 1)
 
 
 def _cdiv(a, b):
@@ -244,32 +216,59 @@ def flash_forward_io(batch, nheads, seqlen_q, seqlen_k, head_dim, *, dtype_name=
 
 
 def standard_attention_io(batch, nheads, seqlen_q, seqlen_k, head_dim, *,
-                          dtype_name="float16", nheads_k=None, causal=False, passes=None):
-    """Predicted bytes moved by standard attention (scores materialised).
+                          dtype_name="float16", nheads_k=None):
+    """Bytes moved by the paper's standard attention (Algorithm 0): read Q, K, write
+    S = Q K^T; read S, write P = softmax(S); read P, V, write O."""
+    nheads_k = nheads_k or nheads
+    isz = itemsize(dtype_name)
+    q = batch * nheads * seqlen_q * head_dim * isz          # Q, and O
+    kv = batch * nheads_k * seqlen_k * head_dim * isz       # K, and V
+    scores = batch * nheads * seqlen_q * seqlen_k * isz
+    return Traffic(2 * scores + q + 2 * kv, 2 * scores + q)
 
-    ``passes=None`` counts what ``nbflash._naive.naive_attention`` launches: the passes
-    of ``NAIVE_PASSES`` (plus ``NAIVE_CAUSAL_PASS`` and one write and one read of the
-    seqlen_q x seqlen_k bool mask when causal) over score matrices in the input dtype,
-    plus its copies of the inputs (``astype`` copies q, k, v; ``repeat`` copies k and v
-    to every query head), the matmuls reading Q and the repeated K, V once, and O
-    written once. Give ``passes=PAPER_PASSES`` for the paper's Algorithm 0, which
-    reads Q, K, V once and writes O once besides.
-    Row statistics (max, sum, lse: seqlen_q values per head) are left out.
+
+def naive_kernels(batch, nheads, seqlen_q, seqlen_k, head_dim, *, dtype_name="float16",
+                  nheads_k=None, causal=False, gpu=H100):
+    """The kernels ``nbflash._naive.naive_attention`` launches with CuPy, in order, as
+    ``(what, Traffic)`` in DRAM bytes.
+
+    CuPy's N-d ``matmul`` copies its operands to contiguous arrays and multiplies
+    float16 in float32, then copies the float32 product to float16
+    (``cupy/_core/_routines_linalg.pyx``), so for float16 inputs S and P each make a
+    round trip through float32. The causal mask is read once per (batch, head) when it
+    does not fit in half of L2. Row statistics (max, sum, lse: seqlen_q values per
+    head) are left out.
     """
     nheads_k = nheads_k or nheads
     isz = itemsize(dtype_name)
-    q = batch * nheads * seqlen_q * head_dim * isz          # Q, and O, in bytes
-    kv = batch * nheads_k * seqlen_k * head_dim * isz       # K, and V
-    scores = batch * nheads * seqlen_q * seqlen_k * isz
-    if passes is None:
-        kv_repeated = kv * (nheads // nheads_k)
-        passes = NAIVE_PASSES + ((NAIVE_CAUSAL_PASS,) if causal else ())
-        mask = Traffic(seqlen_q * seqlen_k, seqlen_q * seqlen_k) if causal else Traffic(0, 0)
-        astype = Traffic(q + 2 * kv, q + 2 * kv)
-        repeat = Traffic(2 * kv, 2 * kv_repeated)
-        extra = astype + repeat + mask + Traffic(q + 2 * kv_repeated, q)
-    else:
-        extra = Traffic(q + 2 * kv, q)
-    n_reads = sum(p.reads for p in passes)
-    n_writes = sum(p.writes for p in passes)
-    return Traffic(n_reads * scores, n_writes * scores) + extra
+    wide = 2 if dtype_name == "float16" else 1              # float32 / input element
+    q = batch * nheads * seqlen_q * head_dim * isz           # Q, and O
+    kv = batch * nheads_k * seqlen_k * head_dim * isz        # K, and V
+    kv_rep = kv * (nheads // nheads_k)                       # repeated to every query head
+    s = batch * nheads * seqlen_q * seqlen_k * isz           # one score-sized matrix
+    kernels = [("astype copies of q, k, v", Traffic(q + 2 * kv, q + 2 * kv)),
+               ("repeat k, v over query heads", Traffic(2 * kv, 2 * kv_rep)),
+               ("matmul operands Q, K^T made contiguous", Traffic(q + kv_rep, wide * (q + kv_rep))),
+               ("S = Q K^T", Traffic(wide * (q + kv_rep), wide * s))]
+    if wide > 1:
+        kernels.append(("S float32 -> float16", Traffic(wide * s, s)))
+    kernels.append(("S * scale", Traffic(s, s)))
+    if causal:
+        mask = seqlen_q * seqlen_k
+        mask_reads = mask if 2 * mask <= gpu.l2_bytes else mask * batch * nheads
+        kernels += [("causal mask", Traffic(0, mask)),
+                    ("where(mask, S, -inf)", Traffic(s + mask_reads, s))]
+    kernels += [("row max", Traffic(s, 0)), ("S - max", Traffic(s, s)), ("exp", Traffic(s, s)),
+                ("row sum", Traffic(s, 0)), ("P / sum", Traffic(s, s))]
+    if wide > 1:
+        kernels.append(("P, V -> float32", Traffic(s + kv_rep, wide * (s + kv_rep))))
+    kernels.append(("O = P V", Traffic(wide * (s + kv_rep), wide * q)))
+    if wide > 1:
+        kernels.append(("O float32 -> float16", Traffic(wide * q, q)))
+    return kernels
+
+
+def naive_attention_io(batch, nheads, seqlen_q, seqlen_k, head_dim, **kw):
+    """Bytes moved by ``nbflash._naive.naive_attention``: the sum of ``naive_kernels``."""
+    return sum((t for _, t in naive_kernels(batch, nheads, seqlen_q, seqlen_k, head_dim, **kw)),
+               Traffic(0, 0))

@@ -51,6 +51,8 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     DT = D // 8           # 8-column n-tiles of dK, dV, dQ
     KK = BN // 16         # k-steps of 16 over the keys (dQ = dS K)
     DQ_WARPS = BM // 16   # warps that compute dQ, 16 query rows each
+    DQ_PASSES = 2 if D >= 128 else 1
+    DTP = DT // DQ_PASSES  # dQ column n-tiles per pass
     CAUSAL = causal
     SALT = ops.SOURCE_SALT
     ZERO = np.float32(0.0)
@@ -166,26 +168,71 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
     store_ds_steps = static_loop(KQ, device(store_ds))
 
-    def dq_step(step, acc, smem_base, warp, lane):
-        """One 16-key step of dQ = dS K for this warp's query rows and 16 columns."""
-        kk = step // (DT // 2)
-        dt2 = step - kk * (DT // 2)
-        mat = lane >> 3
-        r8 = lane & 7
-        # A = dS (queries x keys) is the transpose of the stored dS^T: ldmatrix.trans.
-        a = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_DS + ds_offset(
-            kk * 16 + (mat >> 1) * 8 + r8, warp * 16 + (mat & 1) * 8)))
-        kb = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_K + kv_offset(
-            kk * 16 + (mat & 1) * 8 + r8, dt2 * 16 + (mat >> 1) * 8)))
+    def make_dq_pass(pass_index):
+        """dQ_i += scale dS K_j for this warp's 16 query rows and the pass's DTP column
+        n-tiles, added into the float32 accumulator with atomics. Large head dims take
+        the columns in two passes to keep the dQ accumulator's registers down."""
+        COL0 = pass_index * DTP * 8
+
+        def dq_step(step, acc, smem_base, warp, lane):
+            kk = step // (DTP // 2)
+            dt2 = step - kk * (DTP // 2)
+            mat = lane >> 3
+            r8 = lane & 7
+            # A = dS (queries x keys) is the transpose of the stored dS^T: ldmatrix.trans.
+            a = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_DS + ds_offset(
+                kk * 16 + (mat >> 1) * 8 + r8, warp * 16 + (mat & 1) * 8)))
+            kb = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_K + kv_offset(
+                kk * 16 + (mat & 1) * 8 + r8, COL0 + dt2 * 16 + (mat >> 1) * 8)))
+            for half in range(2):
+                dt = 2 * dt2 + half
+                c = mma(a[0], a[1], a[2], a[3], kb[2 * half], kb[2 * half + 1],
+                        acc[dt, 0], acc[dt, 1], acc[dt, 2], acc[dt, 3])
+                for i in range(4):
+                    acc[dt, i] = c[i]
+
+        steps = static_loop(KK * DTP // 2, device(dq_step))
+
+        def dq_pass(dq, dq_accum, smem_base, b, h, m0, seqlen_q, scale, warp, lane):
+            g = lane >> 2
+            t = lane & 3
+            for dt in range(DTP):
+                for i in range(4):
+                    dq[dt, i] = ZERO
+            steps(dq, smem_base, warp, lane)
+            for half in range(2):
+                row = m0 + warp * 16 + g + 8 * half
+                if row < seqlen_q:
+                    for dt in range(DTP):
+                        for j in range(2):
+                            col = COL0 + dt * 8 + 2 * t + j
+                            if col < dq_accum.shape[3]:   # q's head dim may be padded
+                                cuda.atomic.add(dq_accum, (b, row, h, col),
+                                                dq[dt, 2 * half + j] * scale)
+
+        return device(dq_pass)
+
+    dq_first = make_dq_pass(0)
+    dq_second = make_dq_pass(1) if DQ_PASSES == 2 else dq_first
+
+    def zero_step(dt, acc):
+        for i in range(4):
+            acc[dt, i] = ZERO
+
+    def store_step(dt, dk, dv, dk_acc, dv_acc, b, h_kv, key0, seqlen_k, scale, t):
+        """dK = scale dK_acc and dV for n-tile dt of this thread's two key rows."""
         for half in range(2):
-            dt = 2 * dt2 + half
-            c = mma(a[0], a[1], a[2], a[3], kb[2 * half], kb[2 * half + 1],
-                    acc[dt, 0], acc[dt, 1], acc[dt, 2], acc[dt, 3])
-            for i in range(4):
-                acc[dt, i] = c[i]
+            key = key0 + 8 * half
+            for j in range(2):
+                col = dt * 8 + 2 * t + j
+                if key < seqlen_k and col < dk.shape[3]:
+                    dk[b, key, h_kv, col] = from_acc(dk_acc[dt, 2 * half + j] * scale)
+                    dv[b, key, h_kv, col] = from_acc(dv_acc[dt, 2 * half + j])
 
-    dq_steps = static_loop(KK * DT // 2, device(dq_step))
-
+    # Loops over the DT n-tiles of dK and dV: NVVM does not unroll them on its own at
+    # head dim 128, and one rolled loop sends both accumulators to local memory.
+    zero_steps = static_loop(DT, device(zero_step))
+    store_steps = static_loop(DT, device(store_step))
     load_rows_d = device(load_rows)
     probabilities_d = device(probabilities)
     U16 = from_dtype(np.uint16)
@@ -216,11 +263,9 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         st = cuda.local.array((NQ, 4), np.float32)
         dpt = cuda.local.array((NQ, 4), np.float32)
         frag = cuda.local.array((KQ, 4), np.uint32)
-        dq = cuda.local.array((DT, 4), np.float32)
-        for dt in range(DT):
-            for i in range(4):
-                dk_acc[dt, i] = ZERO
-                dv_acc[dt, i] = ZERO
+        dq = cuda.local.array((DTP, 4), np.float32)
+        zero_steps(dk_acc)
+        zero_steps(dv_acc)
 
         # ---- Prologue: K_j, V_j stay; the first Q, dO tile in flight
         m_start, m_end = query_tile_range(n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
@@ -269,31 +314,12 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
             # dQ_i += scale dS K_j: warp w sums all BN keys for 16 query rows.
             if warp < DQ_WARPS:
-                for dt in range(DT):
-                    for i in range(4):
-                        dq[dt, i] = ZERO
-                dq_steps(dq, smem_base, warp, lane)
-                for half in range(2):
-                    row = m0 + warp * 16 + g + 8 * half
-                    if row < seqlen_q:
-                        for dt in range(DT):
-                            for j in range(2):
-                                col = dt * 8 + 2 * t + j
-                                if col < dq_accum.shape[3]:   # q's may be padded to 8
-                                    cuda.atomic.add(dq_accum, (b, row, h, col),
-                                                    dq[dt, 2 * half + j] * scale)
+                dq_first(dq, dq_accum, smem_base, b, h, m0, seqlen_q, scale, warp, lane)
+                if DQ_PASSES == 2:
+                    dq_second(dq, dq_accum, smem_base, b, h, m0, seqlen_q, scale, warp, lane)
 
         # ---- Epilogue: dK_j, dV_j are complete; written once
         ops.cp_async_wait(0)
-        out_dim = dk.shape[3]
-        for half in range(2):
-            key = n0 + warp * 16 + g + 8 * half
-            if key < seqlen_k:
-                for dt in range(DT):
-                    for j in range(2):
-                        col = dt * 8 + 2 * t + j
-                        if col < out_dim:
-                            dk[b, key, h_kv, col] = from_acc(dk_acc[dt, 2 * half + j] * scale)
-                            dv[b, key, h_kv, col] = from_acc(dv_acc[dt, 2 * half + j])
+        store_steps(dk, dv, dk_acc, dv_acc, b, h_kv, n0 + warp * 16 + g, seqlen_k, scale, t)
 
     return backward_mma

@@ -199,6 +199,20 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                     if key >= seqlen_k or (CAUSAL and key > row + seqlen_k - seqlen_q):
                         s[mt, nt, i] = MINUS_INF
 
+    def rescale_step(dt, o, mt, half, alpha):
+        o[mt, dt, 2 * half] *= alpha
+        o[mt, dt, 2 * half + 1] *= alpha
+
+    def zero_step(dt, o):
+        for mt in range(MT):
+            for i in range(4):
+                o[mt, dt, i] = ZERO
+
+    # Loops over the DT n-tiles of O, spelled out: one rolled loop (head dim 256)
+    # sends the whole accumulator to local memory.
+    rescale_rows = static_loop(DT, device(rescale_step))
+    zero_o = static_loop(DT, device(zero_step))
+
     def online_softmax(s, o, m, l, scale_log2):
         """Turns s into P = exp2(S c - m_new c) in place, updates the running max m and
         this thread's partial row sums l, and rescales o where the max changed."""
@@ -223,9 +237,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                 if m_new != m_old:
                     alpha = ops.ex2(m_old * scale_log2 - m_scaled)   # 0 when m_old = -inf
                     l[mt, half] = l[mt, half] * alpha + row_sum
-                    for dt in range(DT):
-                        o[mt, dt, 2 * half] *= alpha
-                        o[mt, dt, 2 * half + 1] *= alpha
+                    rescale_rows(o, mt, half, alpha)
                     m[mt, half] = m_new
                 else:
                     l[mt, half] += row_sum
@@ -266,6 +278,14 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         pack_p_steps(pf, s)
         pv_steps(o, pf, smem_base, lane)
 
+    def store_step(dt, out, o, mt, half, inv, b, row, h, head_dim, t):
+        for j in range(2):
+            col = dt * 8 + 2 * t + j
+            if col < head_dim:
+                out[b, row, h, col] = from_acc(o[mt, dt, 2 * half + j] * inv)
+
+    store_row = static_loop(DT, device(store_step))
+
     def write_output(out, lse, o, m, l, b, h, row0, seqlen_q, head_dim, scale_log2, lane):
         """O = o / l and lse = (m c + log2 l) ln 2 for this thread's rows."""
         g = lane >> 2
@@ -278,11 +298,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                 total += ops.shfl_xor(total, 2)
                 inv = ONE / total if total > ZERO else ZERO   # rows that saw no key give 0
                 if row < seqlen_q:
-                    for dt in range(DT):
-                        for j in range(2):
-                            col = dt * 8 + 2 * t + j
-                            if col < head_dim:
-                                out[b, row, h, col] = from_acc(o[mt, dt, 2 * half + j] * inv)
+                    store_row(out, o, mt, half, inv, b, row, h, head_dim, t)
                     if t == 0:
                         lse[b, h, row] = ((m[mt, half] * scale_log2 + math.log2(total)) * LN2_32
                                           if total > ZERO else MINUS_INF)
@@ -317,10 +333,8 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         o = cuda.local.array((MT, DT, 4), np.float32)
         m = cuda.local.array((MT, 2), np.float32)
         l = cuda.local.array((MT, 2), np.float32)
+        zero_o(o)
         for mt in range(MT):
-            for dt in range(DT):
-                for i in range(4):
-                    o[mt, dt, i] = ZERO
             for half in range(2):
                 m[mt, half] = MINUS_INF
                 l[mt, half] = ZERO

@@ -1,0 +1,68 @@
+"""The tensor-core kernels compile for sm_90 on a CPU, with the instructions they are
+meant to use and no local memory.
+
+Runs ``tests/ptx_check.py`` in a subprocess without the simulator (compile_ptx plus an
+nvJitLink link, no GPU or driver needed; requires ``numba-cuda[cu13]``, the ``ptx``
+extra). Registers and spills come from ptxas through nvJitLink's log.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+try:
+    from cuda.bindings import nvjitlink  # noqa: F401
+    HAVE_NVJITLINK = True
+except Exception:
+    HAVE_NVJITLINK = False
+
+pytestmark = pytest.mark.skipif(not HAVE_NVJITLINK,
+                                reason="needs numba-cuda[cu13] (pip install -e '.[ptx]')")
+
+
+def compile_report(*names):
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "ptx_check.py"), *names],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def report():
+    # float16 and bfloat16 share the kernel text but for the mma/cvt type: one dtype
+    # covers the register budget; both causal variants, every head-dim bucket.
+    return compile_report("float16")
+
+
+@pytest.mark.parametrize("bucket", [32, 64, 128, 256])
+@pytest.mark.parametrize("kind", ["forward_mma", "backward_mma"])
+def test_tensor_core_instructions(report, kind, bucket):
+    rows = [r for r in report if r["kernel"].startswith(f"{kind} float16 d{bucket} ")]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["mma_sync"] > 0 and r["ldmatrix"] > 0 and r["cp_async"] > 0, r
+
+
+#: Kernels that still spill registers (measured; see the note in the backward kernel):
+#: each backward warp holds 16 keys x head_dim columns of both dK and dV.
+KNOWN_SPILLS = {"backward_mma float16 d128 causal", "backward_mma float16 d256 full",
+                "backward_mma float16 d256 causal"}
+KERNELS = [f"{kind} float16 d{bucket} {mask}" for kind in ("forward_mma", "backward_mma")
+           for bucket in (32, 64, 128, 256) for mask in ("full", "causal")]
+
+
+@pytest.mark.parametrize("kernel", [
+    pytest.param(k, marks=pytest.mark.xfail(strict=True, reason="known register spill"))
+    if k in KNOWN_SPILLS else k for k in KERNELS])
+def test_no_local_memory(report, kernel):
+    rows = [r for r in report if r["kernel"].startswith(kernel + " ")]
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["local_ld_st"] == 0 and r["spill_store_bytes"] == 0, r
