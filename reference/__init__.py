@@ -8,6 +8,7 @@
 from .attention import (
     attention,
     attention_backward,
+    attention_backward_magnitudes,
     causal_mask,
     naive_attention,
     naive_attention_backward,
@@ -17,6 +18,7 @@ from .tiled import flash_backward, flash_forward, key_tile_range, query_tile_ran
 __all__ = [
     "attention",
     "attention_backward",
+    "attention_backward_magnitudes",
     "causal_mask",
     "naive_attention",
     "naive_attention_backward",

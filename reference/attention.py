@@ -207,6 +207,33 @@ def attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None, out=N
     )
 
 
+def attention_backward_magnitudes(dout, q, k, v, out, lse, *, causal=False,
+                                  softmax_scale=None):
+    """The size of the terms each gradient element sums, as (dq, dk, dv) float64.
+
+    The backward formulas with every factor replaced by its absolute value:
+    |dS| <= P (|dO| |V|^T + |Delta|) with |Delta| <= rowsum(|dO| |out|), then
+    scale |dS| |K|, scale |dS|^T |Q| and P^T |dO|. Where the terms cancel (one key,
+    say, gives dS = 0 exactly) the gradient is 0 but its rounding error is not: it
+    is a few units of the accumulator's rounding of these magnitudes.
+    """
+    nheads, nheads_k = q.shape[2], k.shape[2]
+    scale = _scale(softmax_scale, q.shape[-1])
+    lse64 = np.asarray(lse, dtype=np.float64)[..., None]
+    s = _exact_scores(q, k, causal, scale)
+    visible = np.isfinite(s) & np.isfinite(lse64)
+    p = np.where(visible, np.exp(np.where(visible, s, 0.0) - np.where(visible, lse64, 0.0)), 0.0)
+    q64, do64, o64 = (np.abs(_to_bhsd(np.asarray(x, dtype=np.float64))) for x in (q, dout, out))
+    k64 = np.abs(_to_bhsd(_expand_kv(np.asarray(k, dtype=np.float64), nheads)))
+    v64 = np.abs(_to_bhsd(_expand_kv(np.asarray(v, dtype=np.float64), nheads)))
+    ds = p * (np.matmul(do64, np.swapaxes(v64, -1, -2)) + np.sum(do64 * o64, axis=-1)[..., None])
+    dq = scale * np.matmul(ds, k64)
+    dk = scale * np.matmul(np.swapaxes(ds, -1, -2), q64)
+    dv = np.matmul(np.swapaxes(p, -1, -2), do64)
+    return (_from_bhsd(dq), _group_sum(_from_bhsd(dk), nheads_k),
+            _group_sum(_from_bhsd(dv), nheads_k))
+
+
 # --------------------------------------------------------------------------
 # same-precision ("naive") baseline
 # --------------------------------------------------------------------------
