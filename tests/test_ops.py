@@ -1,0 +1,118 @@
+"""The low-level operations of nbflash/ops against NumPy, in one warp.
+
+Runs the GPU intrinsics on a GPU and their Python twins under the simulator, with
+the same kernel: cp.async into shared memory, ldmatrix (plain and transposed) into
+mma fragments, mma.sync for A K^T and A V, shuffles, packing and ex2.
+"""
+import ml_dtypes
+import numpy as np
+import pytest
+from numba import cuda, from_dtype
+
+from nbflash import ops
+from nbflash.interface import xp
+
+U16, F32 = from_dtype(np.uint16), from_dtype(np.float32)   # the simulator needs Numba types
+KINDS = {"float16": (np.float16, ops.mma_f16, ops.pack_f16x2),
+         "bfloat16": (ml_dtypes.bfloat16, ops.mma_bf16, ops.pack_bf16x2)}
+
+
+def make_kernel(kind):
+    _, mma, pack = KINDS[kind]
+
+    @cuda.jit
+    def kernel(a, k, v, ak, av, rowsum, packed, powers):
+        lane = cuda.threadIdx.x
+        smem = cuda.shared.array(0, U16)
+        base = ops.smem_addr(smem, 0)
+        # Three 16x16 tiles of 16-bit elements, row-major: 32 chunks of 16 bytes each.
+        for t, src in enumerate((a, k, v)):
+            row = lane >> 1
+            col = (lane & 1) * 8
+            ops.cp_async_16(base + 2 * (t * 256 + row * 16 + col),
+                            ops.global_addr(src, 0, row, 0, col), np.uint32(16))
+        ops.cp_async_commit()
+        ops.cp_async_wait(0)
+        cuda.syncthreads()
+        mat = lane >> 3
+        r8 = lane & 7
+        fa = ops.ldmatrix_x4(base + 2 * (((mat & 1) * 8 + r8) * 16 + (mat >> 1) * 8))
+        fk = ops.ldmatrix_x4(base + 2 * (256 + ((mat >> 1) * 8 + r8) * 16 + (mat & 1) * 8))
+        fv = ops.ldmatrix_x4_trans(base + 2 * (512 + ((mat & 1) * 8 + r8) * 16
+                                               + (mat >> 1) * 8))
+        g = lane >> 2
+        t = lane & 3
+        zero = np.float32(0.0)
+        for half in range(2):
+            ck = mma(fa[0], fa[1], fa[2], fa[3], fk[2 * half], fk[2 * half + 1],
+                     zero, zero, zero, zero)
+            cv = mma(fa[0], fa[1], fa[2], fa[3], fv[2 * half], fv[2 * half + 1],
+                     zero, zero, zero, zero)
+            for i in range(4):
+                r = g + 8 * (i >> 1)
+                c = half * 8 + 2 * t + (i & 1)
+                ak[r, c] = ck[i]
+                av[r, c] = cv[i]
+        # Row sums of A K^T over the quad that holds each row.
+        total = ak[g, 2 * t] + ak[g, 2 * t + 1] + ak[g, 8 + 2 * t] + ak[g, 9 + 2 * t]
+        total += ops.shfl_xor(total, 1)
+        total += ops.shfl_xor(total, 2)
+        if t == 0:
+            rowsum[g] = total
+        packed[lane] = pack(np.float32(ak[g, 2 * t]), np.float32(ak[g, 2 * t + 1]))
+        powers[lane] = ops.ex2(np.float32(lane) * np.float32(0.37) - np.float32(5.0))
+
+    return kernel
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fragments_mma_shuffle_pack_ex2(kind):
+    dtype = KINDS[kind][0]
+    rng = np.random.default_rng(7)
+    host = [rng.standard_normal((1, 16, 1, 16)).astype(dtype) for _ in range(3)]
+    a, k, v = (xp.asarray(x.view(np.uint16)) for x in host)
+    ak = xp.full((16, 16), np.nan, np.float32)
+    av = xp.full((16, 16), np.nan, np.float32)
+    rowsum = xp.full(8, np.nan, np.float32)
+    packed = xp.zeros(32, np.uint32)
+    powers = xp.zeros(32, np.float32)
+    make_kernel(kind)[1, 32, 0, 3 * 16 * 16 * 2](a, k, v, ak, av, rowsum, packed, powers)
+    get = (lambda x: x.get()) if hasattr(ak, "get") else np.asarray
+    A, K, V = (x[0, :, 0, :].astype(np.float64) for x in host)
+    # Products of 16-bit values are exact in float32; only the float32 sums round.
+    np.testing.assert_allclose(get(ak), A @ K.T, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(get(av), A @ V, rtol=1e-6, atol=1e-5)
+    ak_host = get(ak)
+    np.testing.assert_allclose(get(rowsum), ak_host[:8].sum(axis=1), rtol=1e-5, atol=1e-5)
+    lanes = np.arange(32)
+    lo = ak_host[lanes >> 2, 2 * (lanes & 3)].astype(dtype).view(np.uint16).astype(np.uint32)
+    hi = ak_host[lanes >> 2, 2 * (lanes & 3) + 1].astype(dtype).view(np.uint16).astype(np.uint32)
+    np.testing.assert_array_equal(get(packed), lo | (hi << 16))
+    expected = np.exp2(lanes.astype(np.float32) * np.float32(0.37) - np.float32(5.0))
+    np.testing.assert_allclose(get(powers), expected, rtol=2e-6)
+
+
+def test_smem_view2d_and_bit_casts():
+    @cuda.jit
+    def kernel(out, bits, back):
+        smem = cuda.shared.array(0, F32)
+        tile = ops.smem_view2d(smem, 4, 3, 5)
+        i = cuda.threadIdx.x
+        if i < 15:
+            tile[i // 5, i % 5] = np.float32(i)
+        cuda.syncthreads()
+        if i < 19:
+            out[i] = smem[i]
+        if i == 0:
+            bits[0] = ops.f32_as_u32(np.float32(1.5))
+            back[0] = ops.u32_as_f32(np.uint32(0x40490FDB))
+
+    out = xp.full(19, -1.0, np.float32)
+    bits = xp.zeros(1, np.uint32)
+    back = xp.zeros(1, np.float32)
+    smem_init = 19 * 4
+    kernel[1, 32, 0, smem_init](out, bits, back)
+    get = (lambda x: x.get()) if hasattr(out, "get") else np.asarray
+    assert list(get(out)[4:]) == [float(i) for i in range(15)]
+    assert int(get(bits)[0]) == int(np.float32(1.5).view(np.uint32))
+    assert float(get(back)[0]) == float(np.uint32(0x40490FDB).view(np.float32))
