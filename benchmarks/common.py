@@ -204,3 +204,18 @@ def free_gpu_memory():
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def add_quick_option(parser, quick, what):
+    """``--quick``: the defaults in ``quick`` (a dict of option names to values)."""
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a small {what}: " + ", ".join(f"{k}={v}" for k, v in quick.items()))
+
+
+def apply_quick(parser, args, quick):
+    """With ``--quick``, options left at their defaults take the values in ``quick``."""
+    if args.quick:
+        for key, value in quick.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
+    return args

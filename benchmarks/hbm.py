@@ -311,14 +311,9 @@ def parse_args(argv):
     ap.add_argument("--block-ns", type=int, nargs="*", default=[16, 32, 64, 128])
     ap.add_argument("--predict-only", action="store_true", help="print the model, measure nothing")
     ap.add_argument("--timeout", type=int, default=420, help="seconds for the ncu run")
-    ap.add_argument("--quick", action="store_true",
-                    help="a small sweep: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    common.add_quick_option(ap, QUICK, "sweep")
     ap.add_argument("--out", help="results folder (default benchmarks/results/<gpu-name>)")
-    args = ap.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(args, key) == ap.get_default(key):
-                setattr(args, key, value)
+    args = common.apply_quick(ap, ap.parse_args(argv), QUICK)
     return args
 
 

@@ -81,14 +81,9 @@ def parse_args(argv):
                     help="seconds of timed calls per point and peer, at most")
     ap.add_argument("--overhead-calls", type=int, default=2000,
                     help="calls for the host-overhead measurement (0: skip it)")
-    ap.add_argument("--quick", action="store_true",
-                    help="a small grid: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    common.add_quick_option(ap, QUICK, "grid")
     ap.add_argument("--out", help="results folder (default benchmarks/results/<gpu-name>)")
-    args = ap.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(args, key) == ap.get_default(key):
-                setattr(args, key, value)
+    args = common.apply_quick(ap, ap.parse_args(argv), QUICK)
     if "nbflash" not in args.peers:
         args.peers = ["nbflash", *args.peers]
     return args
