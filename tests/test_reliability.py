@@ -15,19 +15,17 @@ $OUT/reliability.txt when $OUT is set).
 
 Sanitizers and first-call latency are scripts in ``tests/gpu/``.
 
-NaN semantics, as the kernels implement them today (found in the simulator, which
-runs the same kernel source). float32/float64 run the SIMT kernels, float16/bfloat16
+NaN semantics, as the kernels implement them (checked in the simulator, which runs
+the same kernel source, and on the GPU). float32/float64 run the SIMT kernels, float16/bfloat16
 the tensor-core ones. For a row i of q, a row j of k or v:
 
-* NaN in q row i changes out row i and lse i only (and dq row i). SIMT: that row
-  comes out as 0 and lse -inf, as if it saw no key: Python-semantics ``max``
-  ignores NaN scores, the row keeps m = -inf and takes the no-visible-key path.
-  The same happens to a row whose only visible keys have NaN scores. Tensor
-  cores: out row i is NaN. (xfail ``test_nan_scores_reach_the_output``.)
+* NaN in q row i changes out row i and lse i only (and dq row i): they come out
+  NaN. The running max is NaN-sticky, so a row whose only visible keys have NaN
+  scores is NaN too, not taken for a row that sees no key.
 * NaN in k row j: out rows that see key j become NaN, the others are unchanged;
-  lse of the NaN rows is -inf, not NaN, in both kernels (the epilogue writes -inf
-  whenever ``l > 0`` is false, and NaN > 0 is false), so the backward treats them
-  as rows that see no key. (xfail ``test_nan_output_rows_have_nan_lse``.)
+  lse of those rows is NaN as well (-inf is written only when the softmax
+  denominator is exactly 0), so the backward gives them NaN gradients rather than
+  treating them as rows that see no key.
 * NaN in v row j: out rows that see key j become NaN, and so do rows that do not
   see it but belong to a query tile that loads j's key tile (0 * NaN = NaN in P V,
   as in FlashAttention), including rows that see no key at all, whose output is
@@ -354,16 +352,6 @@ def test_large_logits(poison, dtype_name, causal):
 FP16_MAX_SHAPE = (33, 29, 2, 1, 8) if SIMULATOR else (257, 190, 4, 2, 64)
 
 
-MMA_BACKWARD_DS_OVERFLOW = pytest.mark.xfail(strict=True, reason=(
-    "tensor-core backward (backward_mma.py) rounds dS^T = P^T (dP^T - Delta) to "
-    "float16 before the dK and dQ mma, and applies softmax_scale only afterwards: with "
-    "|v| ~ 6e4, dP = dO V^T reaches ~1e5, dS overflows float16 and dq, dk get inf/NaN "
-    "although the exact gradients are ~10. Fix: fold softmax_scale into dS before the "
-    "16-bit rounding (dS * scale is the gradient of the logits, bounded by the outputs' "
-    "scale) and drop it from the dQ atomics and the dK epilogue, or scale dS by a power "
-    "of two chosen from max |dP - Delta| per tile"))
-
-
 def _fp16_max_problem(causal):
     """q, k, v of magnitude 3e4 to 6.5e4 (float16 max is 65504) and a softmax_scale
     that makes the largest logit 20: q . k is ~1e10, far past float16 but fine in the
@@ -398,7 +386,7 @@ def _fp16_max_problem(causal):
 
 
 @MODE
-@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the backward's overflow
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the naive baseline's overflow
 @pytest.mark.parametrize("causal", [False, True])
 def test_float16_inputs_near_float16_max_forward(poison, causal):
     """out and lse finite and accurate (tolerance.py's rule) for float16 inputs near
@@ -411,9 +399,7 @@ def test_float16_inputs_near_float16_max_forward(poison, causal):
 
 @MODE
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("causal", [
-    pytest.param(c, marks=MMA_BACKWARD_DS_OVERFLOW if "float16" in getattr(
-        config, "MMA_DTYPES", ()) else ()) for c in (False, True)])
+@pytest.mark.parametrize("causal", [False, True])
 def test_float16_inputs_near_float16_max_backward(poison, causal):
     """dq, dk, dv finite and accurate for the same problem."""
     q, k, v, do, scale, naive = _fp16_max_problem(causal)
@@ -498,7 +484,6 @@ def _nan_params(names, *choices):
             out.append((d,) + combo)
     return pytest.mark.parametrize(names, out)
 
-SIMT_DTYPES = [d for d in ALL_DTYPES if d not in getattr(config, "MMA_DTYPES", ())]
 # The simulator's threads do the arithmetic, outside pytest's np.errstate.
 quiet = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -581,19 +566,11 @@ def test_nan_value_row(dtype_name, causal, capsys):
                         f"({int((leaked & no_key).sum())} of them see no key at all)")
 
 
-SIMT_NAN_DROPPED = pytest.mark.xfail(strict=True, reason=(
-    "SIMT forward: NaN scores are dropped while a row's running max is still -inf. "
-    "Python-semantics max() ignores a NaN score, the row keeps m = -inf and takes "
-    "online_softmax_row's no-visible-key path (out 0, lse -inf). Fix: make the "
-    "running max NaN-sticky (m_new = x if (x > m_new or x != x) else m_new)."))
-
-
 @MODE
 @quiet
 @pytest.mark.parametrize("where", ["q_row", "only_visible_key"])
 @pytest.mark.parametrize("dtype_name", [
-    pytest.param(d, marks=SIMT_NAN_DROPPED if d in SIMT_DTYPES else ()) for d in ALL_DTYPES
-    if not (SIMULATOR and d == "bfloat16")])
+    d for d in ALL_DTYPES if not (SIMULATOR and d == "bfloat16")])
 def test_nan_scores_reach_the_output(dtype_name, where):
     """A row whose scores are NaN has a NaN output row, not 0: a NaN q row; and
     (causal, seqlen_q == seqlen_k) row 0, whose only visible key k[0] is NaN."""
@@ -611,11 +588,6 @@ def test_nan_scores_reach_the_output(dtype_name, where):
 
 @MODE
 @quiet
-@pytest.mark.xfail(strict=True, reason=(
-    "both forward kernels write lse = -inf whenever 'l > 0' is false, which is also "
-    "the case for l = NaN: rows whose output is NaN get lse -inf, and the backward "
-    "then treats them as rows that see no key (P = 0). Fix: write -inf only when "
-    "l == 0, so that NaN l gives NaN lse."))
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
 def test_nan_output_rows_have_nan_lse(dtype_name):
     q, k, v, do, j = _nan_setup(dtype_name, False)

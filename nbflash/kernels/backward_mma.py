@@ -8,14 +8,17 @@ For every query head of the GQA group and every query tile i that sees the keys:
     S^T  = K_j Q_i^T                      (keys are the mma's M dimension, so each
     P^T  = exp2(S^T c - lse_i log2 e)      warp's rows of P^T and dS^T are its keys
     dP^T = V_j dO_i^T                      and stay in registers)
-    dS^T = P^T * (dP^T - Delta_i)
+    dS^T = P^T * (dP^T - Delta_i) * scale  (the gradient of the logits)
     dV_j += P^T dO_i                      (P^T's accumulators are an A-fragment)
     dK_j += dS^T Q_i
     dQ_i += dS K_j                        (dS^T goes through shared memory, each warp
                                            sums all keys for 16 query rows, float32
                                            atomics into the dQ accumulator)
 
-with c = softmax_scale * log2(e). Q_{i+1} and dO_{i+1} are copied with cp.async while
+with c = softmax_scale * log2(e). softmax_scale is applied to dS before it is rounded
+to 16 bits for the dK and dQ products: dP alone can exceed the float16 range when the
+values are large (|dP| ~ |dO| |V| sqrt(d)), while scale * dS is the gradient of the
+logits, bounded by the outputs' size. Q_{i+1} and dO_{i+1} are copied with cp.async while
 tile i's dQ is computed. Query rows past seqlen_q and rows that see no key
 carry lse = +inf, so their P is exp2(-inf) = 0 without a special case.
 """
@@ -111,9 +114,9 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
     kq_steps = static_loop(KS * NQ // 2, device(keys_by_queries))
 
-    def probabilities(st, dpt, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale_log2,
-                      warp, lane):
-        """st: S^T -> P^T; dpt: dP^T -> dS^T = P^T (dP^T - Delta)."""
+    def probabilities(st, dpt, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale,
+                      scale_log2, warp, lane):
+        """st: S^T -> P^T; dpt: dP^T -> dS^T = scale P^T (dP^T - Delta)."""
         g = lane >> 2
         t = lane & 3
         for nq in range(NQ):
@@ -127,7 +130,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                         x = -INF
                 p = ops.ex2(x)
                 st[nq, i] = p
-                dpt[nq, i] = p * (dpt[nq, i] - rows_f32[BM + col])
+                dpt[nq, i] = (p * scale) * (dpt[nq, i] - rows_f32[BM + col])
 
     def grad_step(step, acc, frag, b_off, smem_base, lane):
         """One 16-query by 16-column step of acc += A B, A a P^T or dS^T fragment held
@@ -169,7 +172,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     store_ds_steps = static_loop(KQ, device(store_ds))
 
     def make_dq_pass(pass_index):
-        """dQ_i += scale dS K_j for this warp's 16 query rows and the pass's DTP column
+        """dQ_i += dS K_j (dS already scaled) for this warp's 16 query rows and the pass's DTP column
         n-tiles, added into the float32 accumulator with atomics. Large head dims take
         the columns in two passes to keep the dQ accumulator's registers down."""
         COL0 = pass_index * DTP * 8
@@ -193,7 +196,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
         steps = static_loop(KK * DTP // 2, device(dq_step))
 
-        def dq_pass(dq, dq_accum, smem_base, b, h, m0, seqlen_q, scale, warp, lane):
+        def dq_pass(dq, dq_accum, smem_base, b, h, m0, seqlen_q, warp, lane):
             g = lane >> 2
             t = lane & 3
             for dt in range(DTP):
@@ -208,7 +211,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                             col = COL0 + dt * 8 + 2 * t + j
                             if col < dq_accum.shape[3]:   # q's head dim may be padded
                                 cuda.atomic.add(dq_accum, (b, row, h, col),
-                                                dq[dt, 2 * half + j] * scale)
+                                                dq[dt, 2 * half + j])
 
         return device(dq_pass)
 
@@ -219,14 +222,14 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         for i in range(4):
             acc[dt, i] = ZERO
 
-    def store_step(dt, dk, dv, dk_acc, dv_acc, b, h_kv, key0, seqlen_k, scale, t):
-        """dK = scale dK_acc and dV for n-tile dt of this thread's two key rows."""
+    def store_step(dt, dk, dv, dk_acc, dv_acc, b, h_kv, key0, seqlen_k, t):
+        """dK and dV for n-tile dt of this thread's two key rows."""
         for half in range(2):
             key = key0 + 8 * half
             for j in range(2):
                 col = dt * 8 + 2 * t + j
                 if key < seqlen_k and col < dk.shape[3]:
-                    dk[b, key, h_kv, col] = from_acc(dk_acc[dt, 2 * half + j] * scale)
+                    dk[b, key, h_kv, col] = from_acc(dk_acc[dt, 2 * half + j])
                     dv[b, key, h_kv, col] = from_acc(dv_acc[dt, 2 * half + j])
 
     # Loops over the DT n-tiles of dK and dV: NVVM does not unroll them on its own at
@@ -295,7 +298,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
             kq_steps(st, OFF_K, OFF_Q, smem_base, warp, lane)     # S^T = K Q^T
             kq_steps(dpt, OFF_V, OFF_DO, smem_base, warp, lane)   # dP^T = V dO^T
             masked = tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
-            probabilities_d(st, dpt, rows_f32, n0, m0, seqlen_q, seqlen_k, masked,
+            probabilities_d(st, dpt, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale,
                             scale_log2, warp, lane)
             pack_steps(frag, st)
             grad_steps(dv_acc, frag, OFF_DO, smem_base, lane)     # dV += P^T dO
@@ -312,14 +315,14 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                 ops.cp_async_commit()
                 load_rows_d(rows_f32, lse, delta, b, h_next, m_next, seqlen_q, tid)
 
-            # dQ_i += scale dS K_j: warp w sums all BN keys for 16 query rows.
+            # dQ_i += dS K_j: warp w sums all BN keys for 16 query rows.
             if warp < DQ_WARPS:
-                dq_first(dq, dq_accum, smem_base, b, h, m0, seqlen_q, scale, warp, lane)
+                dq_first(dq, dq_accum, smem_base, b, h, m0, seqlen_q, warp, lane)
                 if DQ_PASSES == 2:
-                    dq_second(dq, dq_accum, smem_base, b, h, m0, seqlen_q, scale, warp, lane)
+                    dq_second(dq, dq_accum, smem_base, b, h, m0, seqlen_q, warp, lane)
 
         # ---- Epilogue: dK_j, dV_j are complete; written once
         ops.cp_async_wait(0)
-        store_steps(dk, dv, dk_acc, dv_acc, b, h_kv, n0 + warp * 16 + g, seqlen_k, scale, t)
+        store_steps(dk, dv, dk_acc, dv_acc, b, h_kv, n0 + warp * 16 + g, seqlen_k, t)
 
     return backward_mma

@@ -95,7 +95,10 @@ def build_forward(cfg: TileConfig, dtype_name: str, causal: bool):
         m_old = m_row[r]
         m_new = m_old
         for c in range(BN):
-            m_new = max(m_new, s_tile[r, c])
+            x = s_tile[r, c]
+            # NaN-sticky: max() would drop a NaN score while m_new is still -inf.
+            if x > m_new or x != x:
+                m_new = x
         if m_new == NEG_INF:
             for c in range(BN):
                 s_tile[r, c] = 0.0
@@ -193,6 +196,6 @@ def build_forward(cfg: TileConfig, dtype_name: str, causal: bool):
         if tid < BM and m0 + tid < seqlen_q:
             l = l_row[tid]
             m = m_row[tid]
-            lse[b, h, m0 + tid] = (m * scale_log2 + math.log2(l)) * LN2 if l > 0.0 else NEG_INF
+            lse[b, h, m0 + tid] = (m * scale_log2 + math.log2(l)) * LN2 if l != 0.0 else NEG_INF
 
     return forward

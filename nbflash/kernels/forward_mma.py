@@ -301,7 +301,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                     store_row(out, o, mt, half, inv, b, row, h, head_dim, t)
                     if t == 0:
                         lse[b, h, row] = ((m[mt, half] * scale_log2 + math.log2(total)) * LN2_32
-                                          if total > ZERO else MINUS_INF)
+                                          if total != ZERO else MINUS_INF)
 
     scores_d = device(scores)
     apply_mask_d = device(apply_mask)
