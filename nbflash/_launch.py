@@ -6,8 +6,14 @@ arguments itself, so it compiles each kernel once for explicit argument types an
 launches the compiled function through ``cuda.core.launch`` with the arguments
 flattened into Numba's kernel ABI: a few microseconds per launch.
 
+``ArgTemplate`` goes one step further for callers that launch one kernel many times
+with arrays of one layout (``interface.attention``'s launch plans): the flattened
+arguments are computed once, and each launch fills in only the data pointers.
+
 Under the simulator the dispatcher is simply called.
 """
+import functools
+import math
 import threading
 
 import numpy as np
@@ -31,12 +37,17 @@ def scalar_type(value):
     return {np.float32: types.float32, np.float64: types.float64}[type(value)]
 
 
+#: Launch configurations a Kernel keeps (one per grid and block it was launched with).
+_MAX_CONFIGS = 1024
+
+
 class Kernel:
     """One compiled kernel: ``kernel(grid, block, args)`` launches it on the current
     CuPy stream (GPU) or runs it in the simulator.
 
     ``args`` are arrays (CuPy on a GPU, NumPy in the simulator) and NumPy scalars,
-    in the kernel's parameter order; their types must match ``signature``.
+    in the kernel's parameter order; their types must match ``signature``. On a GPU
+    they may also come already flattened (``ArgTemplate.fill``).
     """
 
     def __init__(self, dispatcher, signature, shared_bytes):
@@ -51,8 +62,12 @@ class Kernel:
             _allow_dynamic_shared(cufunc, self.shared_bytes)
         self.compiled = compiled
         self._cukernel = cufunc.kernel
+        from cuda.core import launch
+        self._cuda_launch = launch
+        self._configs = {}
 
     def __call__(self, grid, block, args):
+        """Launches a ``grid`` (tuple) of blocks of ``block`` (tuple) threads."""
         if ops.SIMULATOR:
             # Wrapping the arrays makes the simulator use them in place: it would
             # otherwise copy each one, and it cannot copy non-contiguous views.
@@ -60,17 +75,21 @@ class Kernel:
             args = [FakeCUDAArray(a) if isinstance(a, np.ndarray) else a for a in args]
             self.dispatcher[grid, block, 0, self.shared_bytes](*args)
             return
-        from cuda.core import LaunchConfig, launch
-        flat = []
-        for a in args:
-            if isinstance(a, np.generic):
-                flat.append(a)
-            else:
-                # Numba's ABI for an array: meminfo, parent, nitems, itemsize, data,
-                # shape..., strides (bytes)...
-                flat += [0, 0, a.size, a.itemsize, a.data.ptr, *a.shape, *a.strides]
-        config = LaunchConfig(grid=grid, block=block, shmem_size=self.shared_bytes)
-        launch(_current_stream(), config, self._cukernel, *flat)
+        flat = args if type(args) is Flattened else flatten(args)
+        self._cuda_launch(_current_stream(), self._launch_config(grid, block),
+                          self._cukernel, *flat)
+
+    def _launch_config(self, grid, block):
+        """The ``cuda.core.LaunchConfig`` for (grid, block), made once: one object serves
+        any number of launches, from any thread."""
+        config = self._configs.get((grid, block))
+        if config is None:
+            from cuda.core import LaunchConfig
+            config = LaunchConfig(grid=grid, block=block, shmem_size=self.shared_bytes)
+            if len(self._configs) >= _MAX_CONFIGS:
+                self._configs.clear()
+            self._configs[grid, block] = config
+        return config
 
     def resources(self):
         """Registers and local (spill) bytes per thread, shared bytes per block."""
@@ -78,6 +97,84 @@ class Kernel:
         return {"registers": c.regs_per_thread, "local_bytes": c.local_mem_per_thread,
                 "static_shared_bytes": c.shared_mem_per_block,
                 "dynamic_shared_bytes": self.shared_bytes}
+
+
+def _array_abi(size, itemsize, data, shape, strides):
+    """Numba's ABI for one array argument: meminfo, parent, nitems, itemsize, data,
+    shape..., strides (bytes)..."""
+    return [0, 0, size, itemsize, data, *shape, *strides]
+
+
+class Flattened(list):
+    """Kernel arguments already in Numba's flattened ABI."""
+    __slots__ = ()
+
+
+def flatten(args):
+    """``args`` (CuPy arrays and NumPy scalars) in Numba's flattened kernel ABI.
+
+    A view of a 16-bit array as uint16 (how the kernels see float16 and bfloat16)
+    flattens like the array itself: the ABI carries the itemsize, not the dtype.
+    """
+    flat = Flattened()
+    for a in args:
+        if isinstance(a, np.generic):
+            flat.append(a)
+        else:
+            flat += _array_abi(a.size, a.itemsize, a.data.ptr, a.shape, a.strides)
+    return flat
+
+
+class ArraySpec:
+    """What the kernel ABI needs of an array besides its data pointer."""
+    __slots__ = ("shape", "strides", "itemsize")
+
+    def __init__(self, shape, strides, itemsize):
+        self.shape, self.strides, self.itemsize = tuple(shape), tuple(strides), itemsize
+
+    @classmethod
+    def of(cls, x):
+        return cls(x.shape, x.strides, x.itemsize)
+
+    @classmethod
+    def contiguous(cls, shape, itemsize):
+        """The spec of ``xp.empty(shape)``: C-contiguous. CuPy and NumPy agree on the
+        strides when no dimension is 0, the only shapes this is used for."""
+        strides, step = [], itemsize
+        for n in reversed(shape):
+            strides.append(step)
+            step *= n
+        return cls(shape, reversed(strides), itemsize)
+
+
+class ArgTemplate:
+    """A launch's arguments in Numba's flattened ABI with the arrays' data pointers
+    left blank: ``fill(pointers)`` gives what ``flatten`` would give for arrays of
+    these specs at those addresses, in a fraction of the time.
+
+    ``args`` are ``ArraySpec`` for arrays and NumPy scalars (fixed values).
+    """
+    __slots__ = ("_flat", "_slots")
+
+    def __init__(self, args):
+        flat, slots = [], []
+        for a in args:
+            if isinstance(a, np.generic):
+                flat.append(a)
+            else:
+                slots.append(len(flat) + 4)
+                flat += _array_abi(math.prod(a.shape), a.itemsize, 0, a.shape, a.strides)
+        self._flat, self._slots = flat, tuple(slots)
+
+    def fill(self, pointers):
+        """The flattened arguments with the arrays at ``pointers`` (one per array, in
+        order); a new list each call, so concurrent launches do not share one."""
+        if len(pointers) != len(self._slots):
+            raise ValueError(f"{len(self._slots)} pointers needed, got {len(pointers)}")
+        flat = Flattened(self._flat)
+        for slot, pointer in zip(self._slots, pointers):
+            flat[slot] = pointer
+        return flat
 
 
 def _allow_dynamic_shared(cufunc, nbytes):
@@ -90,15 +187,36 @@ _streams = {}
 _streams_lock = threading.Lock()
 
 
-def _current_stream():
+@functools.cache
+def _cupy_api():
+    """CuPy's current-stream and current-device functions, imported on first use."""
     import cupy
-    from cuda.core import Stream
-    ptr = cupy.cuda.get_current_stream().ptr
+    return cupy.cuda.get_current_stream, cupy.cuda.runtime.getDevice
+
+
+def _current_stream():
+    """CuPy's current stream of this thread, as a ``cuda.core`` Stream."""
+    ptr = _cupy_api()[0]().ptr
     stream = _streams.get(ptr)
     if stream is None:
+        from cuda.core import Stream
         with _streams_lock:
             stream = _streams.setdefault(ptr, Stream.from_handle(ptr))
     return stream
+
+
+def current_device_id():
+    """The current CUDA device's ordinal, the number Numba gives it
+    (``cuda.get_current_device().id``).
+
+    Read from CuPy (cudaGetDevice, a fraction of a microsecond) when CuPy is there:
+    Numba looks the device up through its context stack, several microseconds.
+    """
+    try:
+        get_device = _cupy_api()[1]
+    except ImportError:
+        return cuda.get_current_device().id
+    return get_device()
 
 
 _kernels = {}
@@ -111,7 +229,7 @@ def get_kernel(key, build, signature, shared_bytes):
     ``build()`` returns the dispatcher. Thread-safe: concurrent first calls build once.
     """
     if not ops.SIMULATOR:
-        key = (cuda.get_current_device().id, key)
+        key = (current_device_id(), key)
     kernel = _kernels.get(key)
     if kernel is None:
         with _kernels_lock:

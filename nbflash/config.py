@@ -140,12 +140,22 @@ class MmaConfig:
             raise ValueError(f"{self} needs {self.forward_shared_bytes} bytes of shared memory")
 
 
-#: Tensor-core forward tiles per head-dim bucket (float16 and bfloat16).
+#: Tensor-core forward tiles per head-dim bucket (float16 and bfloat16). 128 query rows
+#: over 4 warps give each warp two 16-row m-tiles: every K/V fragment loaded from
+#: shared memory feeds two mma. Measured on the H100 (fp16, seqlen 4096, hidden 2048;
+#: .gpu/dev_tiles.py, benchmarks/NOTES.md), TFLOP/s: d64 64x64 123, 128x64 212;
+#: d128 64x64 131, 128x64 228 (but 24 bytes of local memory), 128x32 212; d256 64x16
+#: 115, 64x32 124.
 FORWARD_MMA_TILES = {
-    32: MmaConfig(64, 64, 32, 4),
-    64: MmaConfig(64, 64, 64, 4),
-    128: MmaConfig(64, 64, 128, 4, q_in_registers=False),
-    256: MmaConfig(64, 16, 256, 4, q_in_registers=False),
+    32: MmaConfig(128, 64, 32, 4),
+    64: MmaConfig(128, 64, 64, 4),
+    128: MmaConfig(128, 32, 128, 4, q_in_registers=False),
+    256: MmaConfig(64, 32, 256, 4, q_in_registers=False),
+}
+#: Causal overrides: the mask's registers push Q-in-registers at head dim 64 into a
+#: spill (ptxas, tests/ptx_check.py), so Q is reloaded from shared memory instead.
+FORWARD_MMA_TILES_CAUSAL = {
+    64: MmaConfig(128, 64, 64, 4, q_in_registers=False),
 }
 #: Tensor-core backward tiles: block_n = 16 keys per warp, block_m queries per tile.
 BACKWARD_MMA_TILES = {
@@ -165,9 +175,13 @@ def select_backward_mma(head_dim, simulator=False):
     return (SIMULATOR_MMA_TILE if simulator else BACKWARD_MMA_TILES)[bucket]
 
 
-def select_forward_mma(head_dim, simulator=False):
+def select_forward_mma(head_dim, simulator=False, causal=False):
     bucket = head_dim_bucket(head_dim)
-    return (SIMULATOR_MMA_TILE if simulator else FORWARD_MMA_TILES)[bucket]
+    if simulator:
+        return SIMULATOR_MMA_TILE[bucket]
+    if causal and bucket in FORWARD_MMA_TILES_CAUSAL:
+        return FORWARD_MMA_TILES_CAUSAL[bucket]
+    return FORWARD_MMA_TILES[bucket]
 
 
 def head_dim_bucket(head_dim):

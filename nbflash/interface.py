@@ -3,10 +3,12 @@
 The only module of nbflash that imports CuPy. Under the CUDA simulator
 (``NUMBA_ENABLE_CUDASIM=1``) the same code runs on NumPy arrays.
 """
+import threading
+
 import numpy as np
 
-from . import _validate, config, ops
-from ._launch import array_type, get_kernel, scalar_type
+from . import _launch, _validate, config, ops
+from ._launch import ArgTemplate, ArraySpec, array_type, get_kernel, scalar_type
 from .kernels.backward import ROW_THREADS, build_backward, build_convert, build_preprocess
 from .kernels.backward_mma import build_backward_mma
 from .kernels.common import LOG2E
@@ -25,6 +27,7 @@ else:
             "CUDA simulator on NumPy arrays") from e
 
 ON_GPU = not ops.SIMULATOR
+_ARRAY = xp.ndarray
 
 
 def _empty(shape, dtype):
@@ -85,23 +88,162 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False):
 
     Launches on CuPy's current stream and returns without synchronising.
     """
-    (batch, seqlen_q, seqlen_k, nheads, _, head_dim), scale = _check_inputs(
+    key = _forward_key(q, k, v, causal, softmax_scale, return_lse)
+    plan = _plans.get(key)
+    if plan is None or not plan.is_current():
+        plan = _plan_forward(q, k, v, causal, softmax_scale, return_lse)
+        _remember(key, plan)
+    return plan(q, k, v)
+
+
+# ---------------------------------------------------------------- launch plans
+#
+# All that attention() decides before it allocates and launches (the validation, the
+# tile configuration, the kernel, its grid, which inputs need a chunk-layout copy,
+# the kernel's flattened arguments) depends only on the arguments' types, shapes,
+# strides, dtypes, devices and 16-byte alignment, the flags, the scale and the
+# current device. A launch plan keeps it per such key: a call whose key has a plan
+# allocates its outputs, writes the data pointers into the plan's argument template
+# and launches (tests/gpu/host_overhead.py measures the host time).
+
+#: Scale types a key may hold: hashable, and equal values validate to one scale.
+_KEY_SCALES = (type(None), float, int, np.float32, np.float64)
+#: Plans kept; the cache is emptied when it is full.
+_MAX_PLANS = 4096
+_plans = {}
+_plans_lock = threading.Lock()
+
+if ON_GPU:
+    def _array_key(x):
+        data = x.data
+        return x.shape, x.strides, x.dtype, data.ptr % 16, data.device_id
+
+    _device_id = _launch.current_device_id
+else:
+    def _array_key(x):
+        return x.shape, x.strides, x.dtype, x.ctypes.data % 16
+
+    def _device_id():
+        return None
+
+
+def _forward_key(q, k, v, causal, softmax_scale, return_lse):
+    """The plan key of an attention call, or None (no plan kept: validated every call)
+    unless q, k, v are of the array type itself, the flags bools and the scale None or
+    a plain number."""
+    if (type(q) is _ARRAY and type(k) is _ARRAY and type(v) is _ARRAY
+            and type(causal) is bool and type(return_lse) is bool
+            and type(softmax_scale) in _KEY_SCALES):
+        return (_array_key(q), _array_key(k), _array_key(v), causal, return_lse,
+                softmax_scale, _device_id())
+    return None
+
+
+def _remember(key, plan):
+    if key is None:
+        return
+    with _plans_lock:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        _plans[key] = plan
+
+
+def _plan_forward(q, k, v, causal, softmax_scale, return_lse):
+    """Validates an attention call, raising TypeError or ValueError naming the bad
+    argument, and plans it."""
+    (batch, seqlen_q, _, nheads, _, head_dim), scale = _check_inputs(
         q, k, v, causal, softmax_scale)
     _validate.check_flag("return_lse", return_lse)
     name = _validate.dtype_name(q.dtype)
-    acc = _acc_dtype(name)
-    out = _empty((batch, seqlen_q, nheads, head_dim), q.dtype)
-    lse = _empty((batch, nheads, seqlen_q), acc)
-    if batch and seqlen_q and nheads:
-        _forward(q, k, v, out, lse, causal, scale, name)
-    return (out, lse) if return_lse else out
+    launch = _forward(q, k, v, causal, scale, name) if batch and seqlen_q and nheads else None
+    return _ForwardPlan((batch, seqlen_q, nheads, head_dim), q.dtype,
+                        (batch, nheads, seqlen_q), _acc_dtype(name), return_lse, launch)
 
 
-def _forward(q, k, v, out, lse, causal, scale, name):
+class _ForwardPlan:
+    """How attention() runs for one key: the outputs to allocate, and the launch (None
+    when there is nothing to compute: no batch, query or head)."""
+    __slots__ = ("out_shape", "out_dtype", "lse_shape", "lse_dtype", "return_lse",
+                 "launch", "get_kernel")
+
+    def __init__(self, out_shape, out_dtype, lse_shape, lse_dtype, return_lse, launch):
+        self.out_shape, self.out_dtype = out_shape, out_dtype
+        self.lse_shape, self.lse_dtype = lse_shape, lse_dtype
+        self.return_lse, self.launch = bool(return_lse), launch
+        self.get_kernel = get_kernel
+
+    def is_current(self):
+        """Whether the plan still holds: it was made through today's get_kernel (tests
+        replace it to watch or forbid builds), and the tile configuration is unchanged
+        (tile sweeps change config's tables or selectors between calls)."""
+        return self.get_kernel is get_kernel and (self.launch is None
+                                                  or self.launch.is_current())
+
+    def __call__(self, q, k, v):
+        out = _empty(self.out_shape, self.out_dtype)
+        lse = _empty(self.lse_shape, self.lse_dtype)
+        if self.launch is not None:
+            self.launch(q, k, v, out, lse)
+        return (out, lse) if self.return_lse else out
+
+
+class _ForwardLaunch:
+    """The forward kernel's launch for one plan.
+
+    ``storage``: the dtypes the kernel reads q, k, v and out as (uint16 for 16-bit
+    floats on tensor cores); ``relayout``: which of q, k, v get a chunk-layout copy
+    (empty when none do); ``args``: the flattened arguments (q, k, v, out, lse, scale)
+    with blank data pointers. On a GPU the arrays themselves are flattened, not uint16
+    views of them: a view differs only in its dtype, and the ABI holds the itemsize.
+    """
+    __slots__ = ("name", "head_dim", "causal", "cfg", "kernel", "grid", "block", "storage",
+                 "scalar", "relayout", "args")
+
+    def __init__(self, name, cfg, kernel, q, k, v, causal, storage, acc, scalar, relayout=()):
+        batch, seqlen_q, nheads, head_dim = q.shape
+        self.name, self.head_dim, self.cfg, self.kernel = name, head_dim, cfg, kernel
+        self.causal = causal
+        self.grid = (_cdiv(seqlen_q, cfg.block_m), nheads, batch)
+        self.block = (cfg.threads,)
+        self.storage, self.scalar = storage, scalar
+        self.relayout = relayout if any(relayout) else ()
+        inputs = [_chunk_copy_spec(x) if copy else ArraySpec.of(x)
+                  for x, copy in zip((q, k, v), relayout or (False,) * 3)]
+        itemsize = np.dtype(q.dtype).itemsize
+        self.args = ArgTemplate(inputs + [
+            ArraySpec.contiguous(q.shape, itemsize),
+            ArraySpec.contiguous((batch, nheads, seqlen_q), np.dtype(acc).itemsize),
+            scalar])
+
+    def is_current(self):
+        cfg = _forward_config(self.name, self.head_dim, self.causal)
+        return cfg is self.cfg or cfg == self.cfg
+
+    def __call__(self, q, k, v, out, lse):
+        if self.relayout:
+            q, k, v = (_chunk_copy(x) if copy else x for x, copy in zip((q, k, v),
+                                                                        self.relayout))
+        if ON_GPU:
+            args = self.args.fill((q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr,
+                                   lse.data.ptr))
+        else:
+            args = [x.view(t) for x, t in zip((q, k, v, out), self.storage)]
+            args += [lse, self.scalar]
+        self.kernel(self.grid, self.block, args)
+
+
+def _forward_config(name, head_dim, causal):
+    """The forward's tiles: tensor cores for float16 and bfloat16, SIMT otherwise."""
     if name in config.MMA_DTYPES:
-        _forward_mma(q, k, v, out, lse, causal, scale, name)
-        return
-    cfg = config.select_forward(name, q.shape[3], ops.SIMULATOR)
+        return config.select_forward_mma(head_dim, ops.SIMULATOR, causal)
+    return config.select_forward(name, head_dim, ops.SIMULATOR)
+
+
+def _forward(q, k, v, causal, scale, name):
+    """The forward's launch for valid q, k, v with at least one query row."""
+    cfg = _forward_config(name, q.shape[3], causal)
+    if name in config.MMA_DTYPES:
+        return _forward_mma(cfg, q, k, v, causal, scale, name)
     elements = config.forward_shared_elements(cfg)
     nbytes = config.check_fits(cfg, elements, name)
     acc = _acc_dtype(name)
@@ -110,10 +252,7 @@ def _forward(q, k, v, out, lse, causal, scale, name):
     signature = ([array_type(store, 4)] * 4 + [array_type(acc, 3), scalar_type(scale_log2)])
     kernel = get_kernel(("forward", cfg, name, causal),
                         lambda: build_forward(cfg, name, causal), signature, nbytes)
-    batch, seqlen_q, nheads, _ = q.shape
-    grid = (_cdiv(seqlen_q, cfg.block_m), nheads, batch)
-    kernel(grid, (cfg.threads,), [_kernel_view(q), _kernel_view(k), _kernel_view(v),
-                                  _kernel_view(out), lse, scale_log2])
+    return _ForwardLaunch(name, cfg, kernel, q, k, v, causal, (store,) * 4, acc, scale_log2)
 
 
 def _data_ptr(x):
@@ -131,53 +270,68 @@ def _chunk_ready(x):
 
 
 def _chunk_layout(x):
-    """x itself when chunk-ready, else a contiguous copy with the head dim zero-padded to
-    a multiple of 8 (zero columns add nothing to q.k and are not written out)."""
-    if _chunk_ready(x):
-        return x
+    """x itself when chunk-ready, else ``_chunk_copy(x)``."""
+    return x if _chunk_ready(x) else _chunk_copy(x)
+
+
+def _chunk_copy(x):
+    """A chunk-ready copy of x: newly allocated (so aligned) and C-contiguous, with the
+    head dim zero-padded to a multiple of 8 (zero columns add nothing to q.k and are
+    not written out). Its layout is ``_chunk_copy_spec(x)``."""
     b, s, h, d = x.shape
-    padded = (d + 7) // 8 * 8
+    padded = _cdiv(d, 8) * 8
     if padded == d:
-        return xp.ascontiguousarray(x)
+        return x.copy()     # a copy even when x is contiguous, for a misaligned x
     y = xp.zeros((b, s, h, padded), x.dtype)
     y[..., :d] = x
     return y
 
 
-def _forward_mma(q, k, v, out, lse, causal, scale, name):
-    cfg = config.select_forward_mma(q.shape[3], ops.SIMULATOR)
+def _chunk_copy_spec(x):
+    b, s, h, d = x.shape
+    return ArraySpec.contiguous((b, s, h, _cdiv(d, 8) * 8), x.itemsize)
+
+
+def _forward_mma(cfg, q, k, v, causal, scale, name):
     cfg.check()
-    q, k, v = (_chunk_layout(x).view(np.uint16) for x in (q, k, v))
     scale_log2 = np.float32(scale * LOG2E)
     signature = ([array_type(np.uint16, 4)] * 3 + [array_type(config.STORAGE[name], 4),
                  array_type(np.float32, 3), scalar_type(scale_log2)])
     kernel = get_kernel(("forward_mma", cfg, name, causal),
                         lambda: build_forward_mma(cfg, name, causal), signature,
                         cfg.forward_shared_bytes)
-    batch, seqlen_q, nheads, _ = q.shape
-    grid = (_cdiv(seqlen_q, cfg.block_m), nheads, batch)
-    kernel(grid, (cfg.threads,), [q, k, v, _kernel_view(out), lse, scale_log2])
+    relayout = tuple(not _chunk_ready(x) for x in (q, k, v))
+    storage = (np.uint16,) * 3 + (config.STORAGE[name],)
+    return _ForwardLaunch(name, cfg, kernel, q, k, v, causal, storage, np.float32, scale_log2,
+                          relayout)
 
 
-def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None):
+def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None,
+                       deterministic=False):
     """Gradients of ``attention`` with respect to q, k and v.
 
     Args:
         dout: gradient of the loss with respect to ``out``; q's shape and dtype.
         q, k, v, causal, softmax_scale: as given to ``attention``.
         out, lse: what ``attention(q, k, v, ..., return_lse=True)`` returned.
+        deterministic: make dq bitwise reproducible (see below).
 
     Returns:
         ``(dq, dk, dv)`` with the shapes and dtype of q, k, v. For grouped-query
         attention, dk and dv sum over the query heads that share a kv head.
 
     The score matrix is recomputed tile by tile from q, k and lse; extra memory is
-    O(seqlen): a float32 dQ accumulator and one float per query row. dq is summed
-    with float atomics, so its last bits may differ from run to run; dk and dv are
-    bitwise reproducible.
+    O(seqlen): a float32 dQ accumulator and one float per query row. By default dq is
+    summed with float atomics, so its last bits may differ from run to run; dk and dv
+    are always bitwise reproducible. ``deterministic=True`` gives each group of key
+    tiles its own dQ accumulator, summed in a fixed order afterwards: dq is then
+    bitwise reproducible on a given GPU, at the price of up to
+    ``DETERMINISTIC_MAX_SPLITS`` accumulators (float32, q's size each) and less
+    parallelism when batch * nheads_k is small.
     """
     (batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim), scale = _check_inputs(
         q, k, v, causal, softmax_scale)
+    _validate.check_flag("deterministic", deterministic)
     name = _validate.dtype_name(q.dtype)
     acc = _acc_dtype(name)
     _validate.check_like("dout", dout, "q", q, xp.ndarray, ON_GPU)
@@ -196,8 +350,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         return dq, dk, dv
 
     store = config.STORAGE[name]
+    block_n = (config.select_backward_mma(head_dim, ops.SIMULATOR) if name in config.MMA_DTYPES
+               else config.select_backward(name, head_dim, ops.SIMULATOR)).block_n
+    n_blocks = _cdiv(seqlen_k, block_n)
+    splits = _deterministic_splits(n_blocks, batch * nheads_k) if deterministic else 1
     delta = _empty((batch, nheads, seqlen_q), acc)
-    dq_accum = _empty(q.shape, acc)
+    dq_accum = _empty((splits * batch,) + q.shape[1:], acc)
     rows_grid = (_cdiv(seqlen_q, ROW_THREADS), nheads, batch)
 
     pre = get_kernel(("preprocess", name), lambda: build_preprocess(name),
@@ -212,9 +370,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         signature = ([array_type(np.uint16, 4)] * 4 + [array_type(acc, 3)] * 2
                      + [array_type(acc, 4)] + [array_type(store, 4)] * 2
                      + [scalar_type(scale_acc)] * 2)
-        main = get_kernel(("backward_mma", cfg, name, causal),
-                          lambda: build_backward_mma(cfg, name, causal), signature,
-                          cfg.backward_shared_bytes)
+        main = get_kernel(("backward_mma", cfg, name, causal, deterministic),
+                          lambda: build_backward_mma(cfg, name, causal, deterministic),
+                          signature, cfg.backward_shared_bytes)
     else:
         cfg = config.select_backward(name, head_dim, ops.SIMULATOR)
         elements = config.backward_shared_elements(cfg)
@@ -223,16 +381,43 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         signature = ([array_type(store, 4)] * 4 + [array_type(acc, 3)] * 2
                      + [array_type(acc, 4)] + [array_type(store, 4)] * 2
                      + [scalar_type(scale_acc)] * 2)
-        main = get_kernel(("backward", cfg, name, causal),
-                          lambda: build_backward(cfg, name, causal), signature, nbytes)
-    main((_cdiv(seqlen_k, cfg.block_n), nheads_k, batch), (cfg.threads,),
+        main = get_kernel(("backward", cfg, name, causal, deterministic),
+                          lambda: build_backward(cfg, name, causal, deterministic), signature,
+                          nbytes)
+    main((splits if deterministic else n_blocks, nheads_k, batch), (cfg.threads,),
          inputs + [lse, delta, dq_accum, _kernel_view(dk), _kernel_view(dv), scale_acc,
                    scale_log2])
 
-    if np.dtype(q.dtype) == np.dtype(acc):
+    if np.dtype(q.dtype) == np.dtype(acc) and not deterministic:
         return dq_accum, dk, dv
     dq = _empty(q.shape, q.dtype)
     conv = get_kernel(("convert", name), lambda: build_convert(name),
                       [array_type(acc, 4), array_type(store, 4)], 0)
     conv(rows_grid, (ROW_THREADS,), [dq_accum, _kernel_view(dq)])
     return dq, dk, dv
+
+
+#: Most dQ accumulators ``attention_backward(..., deterministic=True)`` allocates.
+DETERMINISTIC_MAX_SPLITS = 16
+
+
+def _deterministic_splits(n_blocks, heads):
+    """How many blocks share the key tiles of one (batch, kv head) in deterministic
+    mode: enough for about two blocks per multiprocessor, at most one per key tile and
+    at most DETERMINISTIC_MAX_SPLITS (each split is a float32 copy of dq)."""
+    return max(1, min(n_blocks, DETERMINISTIC_MAX_SPLITS,
+                      _cdiv(2 * _multiprocessors(), heads)))
+
+
+_sm_count = {}
+
+
+def _multiprocessors():
+    if ops.SIMULATOR:
+        return 2      # small, so that the simulator runs several splits
+    device = xp.cuda.runtime.getDevice()
+    n = _sm_count.get(device)
+    if n is None:
+        n = _sm_count[device] = xp.cuda.runtime.getDeviceProperties(device)[
+            "multiProcessorCount"]
+    return n

@@ -58,8 +58,8 @@ def kernels():
     f32 = types.float32
     for dtype in config.MMA_DTYPES:
         for bucket in config.HEAD_DIM_BUCKETS:
-            cfg = config.select_forward_mma(bucket)
             for causal in (False, True):
+                cfg = config.select_forward_mma(bucket, causal=causal)
                 sig = ([array_type("uint16", 4)] * 3
                        + [array_type(config.STORAGE[dtype], 4), array_type("float32", 3), f32])
                 yield (f"forward_mma {dtype} d{bucket} {'causal' if causal else 'full'} "

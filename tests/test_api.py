@@ -263,6 +263,9 @@ BACKWARD_CASES = [
       for what, value in (("list", [[[0.0]]]), ("None", None), ("scalar", 0.0))),
     case("lse-returned-out-by-mistake", {"lse": R(Q_SHAPE)}, ValueError,
          r"^lse must have shape"),
+    *(case(f"deterministic-{what}", {"deterministic": value}, TypeError,
+           r"^deterministic must be True or False")
+      for what, value in (("None", None), ("1", 1), ("str", "yes"))),
 ]
 
 

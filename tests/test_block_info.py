@@ -81,6 +81,7 @@ def test_every_configuration_fits(dtype, bucket):
         config.check_fits(b, config.backward_shared_elements(b), dtype)
         if dtype in config.MMA_DTYPES:
             for cfg in (config.select_forward_mma(bucket, simulator),
+                        config.select_forward_mma(bucket, simulator, causal=True),
                         config.select_backward_mma(bucket, simulator)):
                 cfg.check()
                 assert cfg.head_dim == bucket

@@ -2,7 +2,7 @@
 
 Runs the GPU intrinsics on a GPU and their Python twins under the simulator, with
 the same kernel: cp.async into shared memory, ldmatrix (plain and transposed) into
-mma fragments, mma.sync for A K^T and A V, shuffles, packing and ex2.
+mma fragments, mma.sync for A K^T and A V, shuffles, packing, unpacking and ex2.
 """
 import ml_dtypes
 import numpy as np
@@ -13,15 +13,15 @@ from nbflash import ops
 from nbflash.interface import xp
 
 U16, F32 = from_dtype(np.uint16), from_dtype(np.float32)   # the simulator needs Numba types
-KINDS = {"float16": (np.float16, ops.mma_f16, ops.pack_f16x2),
-         "bfloat16": (ml_dtypes.bfloat16, ops.mma_bf16, ops.pack_bf16x2)}
+KINDS = {"float16": (np.float16, ops.mma_f16, ops.pack_f16x2, ops.unpack_f16x2),
+         "bfloat16": (ml_dtypes.bfloat16, ops.mma_bf16, ops.pack_bf16x2, ops.unpack_bf16x2)}
 
 
 def make_kernel(kind):
-    _, mma, pack = KINDS[kind]
+    _, mma, pack, unpack = KINDS[kind]
 
     @cuda.jit
-    def kernel(a, k, v, ak, av, rowsum, packed, powers):
+    def kernel(a, k, v, ak, av, rowsum, packed, unpacked, powers):
         lane = cuda.threadIdx.x
         smem = cuda.shared.array(0, U16)
         base = ops.smem_addr(smem, 0)
@@ -59,7 +59,11 @@ def make_kernel(kind):
         total += ops.shfl_xor(total, 2)
         if t == 0:
             rowsum[g] = total
-        packed[lane] = pack(np.float32(ak[g, 2 * t]), np.float32(ak[g, 2 * t + 1]))
+        word = pack(np.float32(ak[g, 2 * t]), np.float32(ak[g, 2 * t + 1]))
+        packed[lane] = word
+        lo, hi = unpack(word)
+        unpacked[lane, 0] = lo
+        unpacked[lane, 1] = hi
         powers[lane] = ops.ex2(np.float32(lane) * np.float32(0.37) - np.float32(5.0))
 
     return kernel
@@ -75,8 +79,10 @@ def test_fragments_mma_shuffle_pack_ex2(kind):
     av = xp.full((16, 16), np.nan, np.float32)
     rowsum = xp.full(8, np.nan, np.float32)
     packed = xp.zeros(32, np.uint32)
+    unpacked = xp.full((32, 2), np.nan, np.float32)
     powers = xp.zeros(32, np.float32)
-    make_kernel(kind)[1, 32, 0, 3 * 16 * 16 * 2](a, k, v, ak, av, rowsum, packed, powers)
+    make_kernel(kind)[1, 32, 0, 3 * 16 * 16 * 2](a, k, v, ak, av, rowsum, packed, unpacked,
+                                                 powers)
     get = (lambda x: x.get()) if hasattr(ak, "get") else np.asarray
     A, K, V = (x[0, :, 0, :].astype(np.float64) for x in host)
     # Products of 16-bit values are exact in float32; only the float32 sums round.
@@ -88,6 +94,8 @@ def test_fragments_mma_shuffle_pack_ex2(kind):
     lo = ak_host[lanes >> 2, 2 * (lanes & 3)].astype(dtype).view(np.uint16).astype(np.uint32)
     hi = ak_host[lanes >> 2, 2 * (lanes & 3) + 1].astype(dtype).view(np.uint16).astype(np.uint32)
     np.testing.assert_array_equal(get(packed), lo | (hi << 16))
+    halves = np.stack([lo, hi], axis=1).astype(np.uint16).view(dtype).astype(np.float32)
+    np.testing.assert_array_equal(get(unpacked), halves)       # unpack is exact
     expected = np.exp2(lanes.astype(np.float32) * np.float32(0.37) - np.float32(5.0))
     np.testing.assert_allclose(get(powers), expected, rtol=2e-6)
 

@@ -640,6 +640,35 @@ def test_dk_dv_are_bitwise_reproducible(dtype_name, causal):
         assert np.array_equal(_bits(dv), dv0), f"dv differs on run {run}"
 
 
+@MODE
+@pytest.mark.parametrize("dtype_name,causal", [
+    (d, c) for d in DET_DTYPES for c in (False, True)
+    if not (SIMULATOR and d != "float32" and not c)])
+def test_deterministic_backward_is_bitwise_reproducible(dtype_name, causal, capsys):
+    """deterministic=True: dq, dk and dv are bitwise identical run to run, and dq
+    agrees with the default (atomic) mode's up to rounding noise."""
+    q, k, v, do = _det_inputs(dtype_name, causal)
+    out, lse = nbflash.attention(q, k, v, causal=causal, return_lse=True)
+    first = nbflash.attention_backward(do, q, k, v, out, lse, causal=causal,
+                                       deterministic=True)
+    bits0 = [_bits(x) for x in first]
+    for run in range(1, DET_RUNS):
+        grads = nbflash.attention_backward(do, q, k, v, out, lse, causal=causal,
+                                           deterministic=True)
+        for name, g, b0 in zip(("dq", "dk", "dv"), grads, bits0):
+            assert np.array_equal(_bits(g), b0), f"{name} differs on run {run}"
+    default = nbflash.attention_backward(do, q, k, v, out, lse, causal=causal)
+    for name, g, d in zip(("dk", "dv"), first[1:], default[1:]):
+        assert np.array_equal(_bits(g), _bits(d)), f"{name} differs from the default mode"
+    diff = np.abs(to_numpy64(first[0]) - to_numpy64(default[0]))
+    bound = np.maximum(_rounding_noise(default[0]), _dq_summation_bound(
+        q, k, v, do, out, lse, causal, default[0].dtype))
+    _report(capsys, f"deterministic dq {dtype_name} causal={causal} shape={DET_SHAPE}: "
+                    f"{DET_RUNS} runs bitwise equal; max |dq_det - dq_default| = "
+                    f"{float(diff.max()):.3g}")
+    assert not (diff > bound).any(), float(diff.max())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype_name", ["float16", "float32"])

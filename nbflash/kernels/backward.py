@@ -19,7 +19,17 @@ Three kernels:
    would recompute S and dP, 40% more arithmetic); the price is that dQ's summation
    order, and so its last bits, vary from run to run.
 3. ``convert``: dQ accumulator -> dQ in the input dtype (not needed for float32 and
-   float64, whose accumulator is the output).
+   float64, whose accumulator is the output, unless deterministic).
+
+DETERMINISM. By default the grid has one block per key tile and the atomics' order
+varies. ``deterministic=True`` launches ``splits`` blocks per (kv head, batch)
+instead; block s handles key tiles s, s + splits, s + 2 splits, ... in that order and
+adds into its own slice s of a ``(splits * batch, seqlen_q, nheads, head_dim)``
+accumulator. Each element of a slice is then added to by one thread, in program
+order, and ``convert`` sums the slices in a fixed order: bitwise reproducible for a
+given shape and GPU (the split count depends on the SM count).
+``deterministic`` is a compile-time flag: the default kernels keep one key tile per
+block, without the loop's registers.
 """
 import functools
 import math
@@ -38,7 +48,7 @@ ROW_THREADS = 128
 @functools.lru_cache(maxsize=None)
 def build_preprocess(dtype_name: str):
     """``preprocess(dout, out, delta, dq_accum)``: delta[b, h, i] = dO_i . O_i and
-    dq_accum[b, i, h, :] = 0. Grid ``(ceil(seqlen_q / ROW_THREADS), nheads, batch)``,
+    dq_accum[:, i, h, :] = 0 (every slice). Grid ``(ceil(seqlen_q / ROW_THREADS), nheads, batch)``,
     one thread per query row."""
     ACC_SCALAR = ACCUMULATOR[dtype_name]
     to_acc, _ = element_codec(dtype_name)
@@ -55,8 +65,11 @@ def build_preprocess(dtype_name: str):
         total = ACC_SCALAR(0.0)
         for d in range(out.shape[3]):
             total += to_acc(dout[b, row, h, d]) * to_acc(out[b, row, h, d])
-            dq_accum[b, row, h, d] = 0.0
         delta[b, h, row] = total
+        batch = out.shape[0]
+        for s in range(dq_accum.shape[0] // batch):     # every deterministic slice
+            for d in range(dq_accum.shape[3]):
+                dq_accum[s * batch + b, row, h, d] = 0.0
 
     return preprocess
 
@@ -64,7 +77,9 @@ def build_preprocess(dtype_name: str):
 @functools.lru_cache(maxsize=None)
 def build_convert(dtype_name: str):
     """``convert(src, dst)``: dst = src in the input dtype, elementwise over
-    (batch, seqlen, heads, head_dim). Grid ``(ceil(seqlen / ROW_THREADS), heads, batch)``."""
+    (batch, seqlen, heads, head_dim); src may hold several deterministic slices
+    (``splits * batch`` rows on axis 0), summed in order.
+    Grid ``(ceil(seqlen / ROW_THREADS), heads, batch)``."""
     _, from_acc = element_codec(dtype_name)
     SALT = ops.SOURCE_SALT
 
@@ -76,14 +91,19 @@ def build_convert(dtype_name: str):
         b = cuda.blockIdx.z
         if row >= src.shape[1]:
             return
-        for d in range(src.shape[3]):
-            dst[b, row, h, d] = from_acc(src[b, row, h, d])
+        batch = dst.shape[0]
+        for d in range(dst.shape[3]):
+            total = src[b, row, h, d]
+            for s in range(1, src.shape[0] // batch):   # deterministic slices
+                total += src[s * batch + b, row, h, d]
+            dst[b, row, h, d] = from_acc(total)
 
     return convert
 
 
 @functools.lru_cache(maxsize=None)
-def build_backward(cfg: TileConfig, dtype_name: str, causal: bool):
+def build_backward(cfg: TileConfig, dtype_name: str, causal: bool,
+                   deterministic: bool = False):
     """The main backward kernel
     ``(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2)``.
 
@@ -98,6 +118,7 @@ def build_backward(cfg: TileConfig, dtype_name: str, causal: bool):
     ROW, SROW = padded(D), padded(BN)
     ACC = from_dtype(ACCUMULATOR[dtype_name])   # Numba type, for shared/local arrays
     CAUSAL = causal
+    DETERMINISTIC = deterministic
     SALT = ops.SOURCE_SALT
 
     OFF_K = 0
@@ -185,7 +206,6 @@ def build_backward(cfg: TileConfig, dtype_name: str, causal: bool):
     @cuda.jit(**ops.jit_options(cache=True))
     def backward(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2):
         _ = SALT  # noqa: F841
-        n_block = cuda.blockIdx.x
         h_kv = cuda.blockIdx.y
         b = cuda.blockIdx.z
         tid = cuda.threadIdx.x
@@ -195,7 +215,14 @@ def build_backward(cfg: TileConfig, dtype_name: str, causal: bool):
         seqlen_k = k.shape[1]
         head_dim = q.shape[3]
         group = q.shape[2] // k.shape[2]
-        n0 = n_block * BN
+        split = cuda.blockIdx.x                # see DETERMINISM above
+        dq_b = b
+        stop = split + 1
+        step = 1
+        if DETERMINISTIC:
+            dq_b = b + q.shape[0] * split
+            stop = (seqlen_k + BN - 1) // BN
+            step = cuda.gridDim.x
 
         smem = cuda.shared.array(0, ACC)
         k_tile = ops.smem_view2d(smem, OFF_K, BN, ROW)
@@ -207,43 +234,48 @@ def build_backward(cfg: TileConfig, dtype_name: str, causal: bool):
         lse_row = smem[OFF_LSE:OFF_LSE + BM]
         delta_row = smem[OFF_DELTA:OFF_DELTA + BM]
 
-        # ---- Prologue: this block's key/value tile stays in shared memory
-        load_kv(k_tile, k, b, n0, seqlen_k, h_kv, head_dim, tid)
-        load_kv(v_tile, v, b, n0, seqlen_k, h_kv, head_dim, tid)
         dk_acc = cuda.local.array((RK, RD), ACC)
         dv_acc = cuda.local.array((RK, RD), ACC)
-        for i in range(RK):
-            for j in range(RD):
-                dk_acc[i, j] = 0.0
-                dv_acc[i, j] = 0.0
-
-        # ---- Mainloop over the group's query heads and the query tiles that see K_j
-        m_start, m_end = query_tile_range(n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
-        for h in range(h_kv * group, (h_kv + 1) * group):
-            for m_block in range(m_start, m_end):
-                m0 = m_block * BM
-                cuda.syncthreads()  # everyone is done with the previous Q, dO, P, dS
-                load_q(q_tile, q, b, m0, seqlen_q, h, head_dim, tid)
-                load_q(do_tile, dout, b, m0, seqlen_q, h, head_dim, tid)
-                load_rows(lse_row, lse, b, h, m0, seqlen_q, NEG_INF, tid)
-                load_rows(delta_row, delta, b, h, m0, seqlen_q, 0.0, tid)
-                cuda.syncthreads()
-                masked = tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
-                probabilities_d(p_tile, ds_tile, q_tile, k_tile, v_tile, do_tile, lse_row,
-                                delta_row, m0, n0, seqlen_q, seqlen_k, head_dim, scale_log2,
-                                masked, ty, tx)
-                cuda.syncthreads()
-                dk_dv_d(dk_acc, dv_acc, p_tile, ds_tile, q_tile, do_tile, ty, tx)
-                add_dq_d(dq_accum, ds_tile, k_tile, b, m0, h, seqlen_q, head_dim, scale, ty, tx)
-
-        # ---- Epilogue: dK_j and dV_j are complete; write them once
-        for i in range(RK):
-            key = n0 + ty + TM * i
-            if key < seqlen_k:
+        for n_block in range(split, stop, step):
+            n0 = n_block * BN
+            cuda.syncthreads()   # the previous key tile's K and V are free
+            # ---- Prologue: this block's key/value tile stays in shared memory
+            load_kv(k_tile, k, b, n0, seqlen_k, h_kv, head_dim, tid)
+            load_kv(v_tile, v, b, n0, seqlen_k, h_kv, head_dim, tid)
+            for i in range(RK):
                 for j in range(RD):
-                    c = tx + TN * j
-                    if c < head_dim:
-                        dk[b, key, h_kv, c] = from_acc(dk_acc[i, j] * scale)
-                        dv[b, key, h_kv, c] = from_acc(dv_acc[i, j])
+                    dk_acc[i, j] = 0.0
+                    dv_acc[i, j] = 0.0
+
+            # ---- Mainloop over the group's query heads and the query tiles that see K_j
+            m_start, m_end = query_tile_range(n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
+            for h in range(h_kv * group, (h_kv + 1) * group):
+                for m_block in range(m_start, m_end):
+                    m0 = m_block * BM
+                    cuda.syncthreads()  # everyone is done with the previous Q, dO, P, dS
+                    load_q(q_tile, q, b, m0, seqlen_q, h, head_dim, tid)
+                    load_q(do_tile, dout, b, m0, seqlen_q, h, head_dim, tid)
+                    load_rows(lse_row, lse, b, h, m0, seqlen_q, NEG_INF, tid)
+                    load_rows(delta_row, delta, b, h, m0, seqlen_q, 0.0, tid)
+                    cuda.syncthreads()
+                    masked = tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k,
+                                             CAUSAL)
+                    probabilities_d(p_tile, ds_tile, q_tile, k_tile, v_tile, do_tile, lse_row,
+                                    delta_row, m0, n0, seqlen_q, seqlen_k, head_dim, scale_log2,
+                                    masked, ty, tx)
+                    cuda.syncthreads()
+                    dk_dv_d(dk_acc, dv_acc, p_tile, ds_tile, q_tile, do_tile, ty, tx)
+                    add_dq_d(dq_accum, ds_tile, k_tile, dq_b, m0, h, seqlen_q, head_dim, scale,
+                             ty, tx)
+
+            # ---- Epilogue: dK_j and dV_j are complete; write them once
+            for i in range(RK):
+                key = n0 + ty + TM * i
+                if key < seqlen_k:
+                    for j in range(RD):
+                        c = tx + TN * j
+                        if c < head_dim:
+                            dk[b, key, h_kv, c] = from_acc(dk_acc[i, j] * scale)
+                            dv[b, key, h_kv, c] = from_acc(dv_acc[i, j])
 
     return backward

@@ -35,12 +35,14 @@ from .forward_mma import make_mma_tile_ops
 
 
 @functools.lru_cache(maxsize=None)
-def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
+def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
+                       deterministic: bool = False):
     """The tensor-core backward kernel
     ``(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2)``.
 
     q, k, v, dout are uint16 views; dk, dv in their storage type; lse, delta float32
-    (batch, nheads, seqlen_q); dq_accum float32 like q. ``cfg.block_m`` is the query
+    (batch, nheads, seqlen_q); dq_accum float32 like q, or (splits * batch, ...) for
+    the deterministic mode (grid x = splits, see kernels/backward.py). ``cfg.block_m`` is the query
     tile, ``cfg.block_n`` the key tile (16 keys per warp). Launch with grid
     ``(ceil(seqlen_k / block_n), nheads_k, batch)``, ``cfg.threads`` threads and
     ``cfg.backward_shared_bytes`` bytes of dynamic shared memory.
@@ -57,6 +59,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     DQ_PASSES = 2 if D >= 128 else 1
     DTP = DT // DQ_PASSES  # dQ column n-tiles per pass
     CAUSAL = causal
+    DETERMINISTIC = deterministic
     SALT = ops.SOURCE_SALT
     ZERO = np.float32(0.0)
     INF = np.float32(np.inf)
@@ -72,6 +75,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     assert OFF_ROWS * 2 + 2 * BM * 4 == cfg.backward_shared_bytes
 
     make_loader, make_offset, mma, pack = make_mma_tile_ops(cfg, dtype_name)
+    unpack = ops.unpack_f16x2 if dtype_name == "float16" else ops.unpack_bf16x2
     load_kv = make_loader(BN)
     load_q = make_loader(BM)
     kv_offset = make_offset(BN)
@@ -114,9 +118,9 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
     kq_steps = static_loop(KS * NQ // 2, device(keys_by_queries))
 
-    def probabilities(st, dpt, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale,
-                      scale_log2, warp, lane):
-        """st: S^T -> P^T; dpt: dP^T -> dS^T = scale P^T (dP^T - Delta)."""
+    def probabilities(st, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale_log2, warp,
+                      lane):
+        """st: S^T -> P^T = exp2(S^T c - lse log2 e), 0 where masked."""
         g = lane >> 2
         t = lane & 3
         for nq in range(NQ):
@@ -128,9 +132,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                     query = m0 + col
                     if key >= seqlen_k or (CAUSAL and key > query + seqlen_k - seqlen_q):
                         x = -INF
-                p = ops.ex2(x)
-                st[nq, i] = p
-                dpt[nq, i] = (p * scale) * (dpt[nq, i] - rows_f32[BM + col])
+                st[nq, i] = ops.ex2(x)
 
     def grad_step(step, acc, frag, b_off, smem_base, lane):
         """One 16-query by 16-column step of acc += A B, A a P^T or dS^T fragment held
@@ -158,6 +160,22 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
     pack_steps = static_loop(KQ, device(pack_step))
 
+    def ds_step(kq, frag, dpt, rows_f32, scale, lane):
+        """frag[kq] holds P^T as 16-bit pairs; replaces it by dS^T = scale P^T (dP^T -
+        Delta), packed alike. P is taken at 16 bits, as dV = P^T dO used it: that is
+        within the rounding dS gets anyway, and it lets S^T's registers hold dP^T."""
+        t = lane & 3
+        for half in range(2):
+            nq = 2 * kq + half
+            delta0 = rows_f32[BM + nq * 8 + 2 * t]
+            delta1 = rows_f32[BM + nq * 8 + 2 * t + 1]
+            for rh in range(2):
+                p0, p1 = unpack(frag[kq, 2 * half + rh])
+                frag[kq, 2 * half + rh] = pack((p0 * scale) * (dpt[nq, 2 * rh] - delta0),
+                                               (p1 * scale) * (dpt[nq, 2 * rh + 1] - delta1))
+
+    ds_steps = static_loop(KQ, device(ds_step))
+
     def store_ds(step, frag, smem_base, warp, lane):
         """dS^T (already packed to 16 bits) into shared memory, rows = keys."""
         g = lane >> 2
@@ -172,9 +190,10 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     store_ds_steps = static_loop(KQ, device(store_ds))
 
     def make_dq_pass(pass_index):
-        """dQ_i += dS K_j (dS already scaled) for this warp's 16 query rows and the pass's DTP column
-        n-tiles, added into the float32 accumulator with atomics. Large head dims take
-        the columns in two passes to keep the dQ accumulator's registers down."""
+        """dQ_i += dS K_j (dS is already scaled) for this warp's 16 query rows and the
+        pass's DTP column n-tiles, added into the float32 accumulator with atomics.
+        Large head dims take the columns in two passes to keep the dQ accumulator's
+        registers down."""
         COL0 = pass_index * DTP * 8
 
         def dq_step(step, acc, smem_base, warp, lane):
@@ -222,6 +241,8 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         for i in range(4):
             acc[dt, i] = ZERO
 
+    zero_acc = static_loop(NQ, device(zero_step))
+
     def store_step(dt, dk, dv, dk_acc, dv_acc, b, h_kv, key0, seqlen_k, t):
         """dK and dV for n-tile dt of this thread's two key rows."""
         for half in range(2):
@@ -243,7 +264,6 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     @cuda.jit(**ops.jit_options(cache=True, lineinfo=True))
     def backward_mma(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2):
         _ = SALT  # noqa: F841  (part of the cache key)
-        n_block = cuda.blockIdx.x
         h_kv = cuda.blockIdx.y
         b = cuda.blockIdx.z
         tid = cuda.threadIdx.x
@@ -255,7 +275,16 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         seqlen_k = k.shape[1]
         head_dim = q.shape[3]
         group = q.shape[2] // k.shape[2]
-        n0 = n_block * BN
+        # One key tile per block, or, deterministic, a strided share of them and a
+        # dQ accumulator slice of its own: see DETERMINISM in kernels/backward.py.
+        split = cuda.blockIdx.x
+        dq_b = b
+        stop = split + 1
+        step = 1
+        if DETERMINISTIC:
+            dq_b = b + q.shape[0] * split
+            stop = (seqlen_k + BN - 1) // BN
+            step = cuda.gridDim.x
 
         smem = cuda.shared.array(0, U16)
         smem_base = ops.smem_addr(smem, 0)
@@ -263,66 +292,68 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
         dk_acc = cuda.local.array((DT, 4), np.float32)
         dv_acc = cuda.local.array((DT, 4), np.float32)
-        st = cuda.local.array((NQ, 4), np.float32)
-        dpt = cuda.local.array((NQ, 4), np.float32)
+        acc = cuda.local.array((NQ, 4), np.float32)
         frag = cuda.local.array((KQ, 4), np.uint32)
         dq = cuda.local.array((DTP, 4), np.float32)
-        zero_steps(dk_acc)
-        zero_steps(dv_acc)
+        for n_block in range(split, stop, step):
+            n0 = n_block * BN
+            cuda.syncthreads()         # the previous key tile's K, V and dS^T are free
+            zero_steps(dk_acc)
+            zero_steps(dv_acc)
 
-        # ---- Prologue: K_j, V_j stay; the first Q, dO tile in flight
-        m_start, m_end = query_tile_range(n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
-        n_tiles = m_end - m_start
-        total = group * n_tiles
-        load_kv(smem_base, OFF_K, k, b, n0, seqlen_k, h_kv, head_dim, tid)
-        load_kv(smem_base, OFF_V, v, b, n0, seqlen_k, h_kv, head_dim, tid)
-        if total > 0:
-            load_q(smem_base, OFF_Q, q, b, m_start * BM, seqlen_q, h_kv * group, head_dim, tid)
-            load_q(smem_base, OFF_DO, dout, b, m_start * BM, seqlen_q, h_kv * group, head_dim,
-                   tid)
-            load_rows_d(rows_f32, lse, delta, b, h_kv * group, m_start * BM, seqlen_q, tid)
-        ops.cp_async_commit()
+            # ---- Prologue: K_j, V_j stay; the first Q, dO tile in flight
+            m_start, m_end = query_tile_range(n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
+            n_tiles = m_end - m_start
+            total = group * n_tiles
+            load_kv(smem_base, OFF_K, k, b, n0, seqlen_k, h_kv, head_dim, tid)
+            load_kv(smem_base, OFF_V, v, b, n0, seqlen_k, h_kv, head_dim, tid)
+            if total > 0:
+                m0 = m_start * BM
+                h0 = h_kv * group
+                load_q(smem_base, OFF_Q, q, b, m0, seqlen_q, h0, head_dim, tid)
+                load_q(smem_base, OFF_DO, dout, b, m0, seqlen_q, h0, head_dim, tid)
+                load_rows_d(rows_f32, lse, delta, b, h0, m0, seqlen_q, tid)
+            ops.cp_async_commit()
 
-        # ---- Mainloop over the group's query heads and the query tiles that see K_j
-        for it in range(total):
-            h = h_kv * group + it // n_tiles
-            m_block = m_start + it % n_tiles
-            m0 = m_block * BM
+            # ---- Mainloop over the group's query heads and the query tiles that see K_j
+            for it in range(total):
+                h = h_kv * group + it // n_tiles
+                m_block = m_start + it % n_tiles
+                m0 = m_block * BM
+                ops.cp_async_wait(0)
+                cuda.syncthreads()         # Q_i, dO_i, lse_i, Delta_i have landed
+
+                # One (NQ, 4) accumulator holds S^T, then P^T, then dP^T.
+                zero_acc(acc)
+                kq_steps(acc, OFF_K, OFF_Q, smem_base, warp, lane)    # S^T = K Q^T
+                masked = tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
+                probabilities_d(acc, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale_log2,
+                                warp, lane)
+                pack_steps(frag, acc)
+                grad_steps(dv_acc, frag, OFF_DO, smem_base, lane)     # dV += P^T dO
+                zero_acc(acc)
+                kq_steps(acc, OFF_V, OFF_DO, smem_base, warp, lane)   # dP^T = V dO^T
+                ds_steps(frag, acc, rows_f32, scale, lane)            # dS^T, 16-bit
+                grad_steps(dk_acc, frag, OFF_Q, smem_base, lane)      # dK += dS^T Q
+                store_ds_steps(frag, smem_base, warp, lane)
+                cuda.syncthreads()         # dS^T is visible; Q_i, dO_i, lse_i are free
+
+                if it + 1 < total:         # the next tile's copies overlap this tile's dQ
+                    h_next = h_kv * group + (it + 1) // n_tiles
+                    m_next = (m_start + (it + 1) % n_tiles) * BM
+                    load_q(smem_base, OFF_Q, q, b, m_next, seqlen_q, h_next, head_dim, tid)
+                    load_q(smem_base, OFF_DO, dout, b, m_next, seqlen_q, h_next, head_dim, tid)
+                    ops.cp_async_commit()
+                    load_rows_d(rows_f32, lse, delta, b, h_next, m_next, seqlen_q, tid)
+
+                # dQ_i += dS K_j: warp w sums all BN keys for 16 query rows.
+                if warp < DQ_WARPS:
+                    dq_first(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, warp, lane)
+                    if DQ_PASSES == 2:
+                        dq_second(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, warp, lane)
+
+            # ---- Epilogue: dK_j, dV_j are complete; written once
             ops.cp_async_wait(0)
-            cuda.syncthreads()         # Q_i, dO_i, lse_i, Delta_i have landed
-
-            for nq in range(NQ):
-                for i in range(4):
-                    st[nq, i] = ZERO
-                    dpt[nq, i] = ZERO
-            kq_steps(st, OFF_K, OFF_Q, smem_base, warp, lane)     # S^T = K Q^T
-            kq_steps(dpt, OFF_V, OFF_DO, smem_base, warp, lane)   # dP^T = V dO^T
-            masked = tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
-            probabilities_d(st, dpt, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale,
-                            scale_log2, warp, lane)
-            pack_steps(frag, st)
-            grad_steps(dv_acc, frag, OFF_DO, smem_base, lane)     # dV += P^T dO
-            pack_steps(frag, dpt)
-            grad_steps(dk_acc, frag, OFF_Q, smem_base, lane)      # dK += dS^T Q
-            store_ds_steps(frag, smem_base, warp, lane)
-            cuda.syncthreads()         # dS^T is visible; Q_i, dO_i, lse_i are free
-
-            if it + 1 < total:         # the next tile's copies overlap this tile's dQ
-                h_next = h_kv * group + (it + 1) // n_tiles
-                m_next = (m_start + (it + 1) % n_tiles) * BM
-                load_q(smem_base, OFF_Q, q, b, m_next, seqlen_q, h_next, head_dim, tid)
-                load_q(smem_base, OFF_DO, dout, b, m_next, seqlen_q, h_next, head_dim, tid)
-                ops.cp_async_commit()
-                load_rows_d(rows_f32, lse, delta, b, h_next, m_next, seqlen_q, tid)
-
-            # dQ_i += dS K_j: warp w sums all BN keys for 16 query rows.
-            if warp < DQ_WARPS:
-                dq_first(dq, dq_accum, smem_base, b, h, m0, seqlen_q, warp, lane)
-                if DQ_PASSES == 2:
-                    dq_second(dq, dq_accum, smem_base, b, h, m0, seqlen_q, warp, lane)
-
-        # ---- Epilogue: dK_j, dV_j are complete; written once
-        ops.cp_async_wait(0)
-        store_steps(dk, dv, dk_acc, dv_acc, b, h_kv, n0 + warp * 16 + g, seqlen_k, t)
+            store_steps(dk, dv, dk_acc, dv_acc, b, h_kv, n0 + warp * 16 + g, seqlen_k, t)
 
     return backward_mma

@@ -22,7 +22,7 @@ from numba.cuda.np.arrayobj import make_array, populate_array
 
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
-           "pack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
+           "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
            "shfl_xor", "st_shared_u32"]
 
 _i32 = ir.IntType(32)
@@ -206,6 +206,33 @@ def _make_pack(kind):
 #: Two float32 rounded to nearest into one register, ``lo`` in the low 16 bits.
 pack_f16x2 = _make_pack("f16")
 pack_bf16x2 = _make_pack("bf16")
+
+
+_UNPACK_SIG = types.UniTuple(types.float32, 2)(types.uint32)
+
+
+@intrinsic
+def unpack_f16x2(typingctx, u):
+    """The two float16 halves of ``u`` as float32 ``(lo, hi)`` (exact)."""
+    def codegen(context, builder, sig, args):
+        struct = _asm(builder, ir.LiteralStructType([_f32, _f32]), [args[0]],
+                      "{ .reg .f16 lo, hi; mov.b32 {lo, hi}, $2; "
+                      "cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }", "=f,=f,r")
+        return _as_tuple(context, builder, sig, struct, 2)
+
+    return _UNPACK_SIG, codegen
+
+
+@intrinsic
+def unpack_bf16x2(typingctx, u):
+    """The two bfloat16 halves of ``u`` as float32 ``(lo, hi)``: a bfloat16 is the upper
+    half of a float32, so this is a shift and a mask."""
+    def codegen(context, builder, sig, args):
+        lo = builder.bitcast(builder.shl(args[0], ir.Constant(_i32, 16)), _f32)
+        hi = builder.bitcast(builder.and_(args[0], ir.Constant(_i32, 0xFFFF0000)), _f32)
+        return context.make_tuple(builder, sig.return_type, [lo, hi])
+
+    return _UNPACK_SIG, codegen
 
 
 @intrinsic

@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
-           "pack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
+           "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
            "shfl_xor", "st_shared_u32"]
 
 
@@ -176,6 +176,17 @@ def _bf16_bits(x):
 
 def pack_bf16x2(lo, hi):
     return np.uint32(_bf16_bits(lo) | (_bf16_bits(hi) << 16))
+
+
+def unpack_f16x2(u):
+    halves = np.array([int(u) & 0xFFFF, int(u) >> 16], dtype=np.uint16).view(np.float16)
+    return np.float32(halves[0]), np.float32(halves[1])
+
+
+def unpack_bf16x2(u):
+    u = int(u)
+    return (np.uint32((u & 0xFFFF) << 16).view(np.float32),
+            np.uint32(u & 0xFFFF0000).view(np.float32))
 
 
 def ex2(x):
