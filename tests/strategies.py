@@ -65,7 +65,11 @@ def cases(draw, simulator, head_dims=None):
         nheads_k=nheads_k, group=group, head_dim=draw(head_dim), causal=draw(st.booleans()),
         softmax_scale=draw(st.one_of(st.none(), st.floats(0.05, 2.0))), layout=layout,
         input_scale=draw(st.sampled_from([0.5, 1.0, 3.0])),
-        seed=draw(st.integers(0, 2**32 - 1)), deterministic=draw(st.booleans()))
+        seed=draw(st.integers(0, 2**32 - 1)),
+        # On a GPU, deterministic mode is checked against the default mode (bitwise
+        # reproducible, equal up to dq's summation order) in test_reliability.py:
+        # drawing it here would double the backward kernels each GPU worker compiles.
+        deterministic=draw(st.booleans()) if simulator else False)
 
 
 def _layout(host, xp, layout, rng):
