@@ -87,8 +87,12 @@ def package_versions():
 
 
 def git_commit():
-    """HEAD of the repository, '+dirty' when it has local changes; NBFLASH_GIT_COMMIT
-    (for copies of the tree without .git) or 'unknown' otherwise."""
+    """NBFLASH_GIT_COMMIT when set (copies of the tree, whose .git may be missing or
+    stale), else HEAD of the repository, '+dirty' when it has local changes, else
+    'unknown'."""
+    if os.environ.get("NBFLASH_GIT_COMMIT"):
+        return os.environ["NBFLASH_GIT_COMMIT"]
+
     def git(*args):
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
