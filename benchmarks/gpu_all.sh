@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark at moderate sizes, on one GPU machine, in under 8 minutes on an H100.
+# Every benchmark at moderate sizes, on one GPU machine, in under 10 minutes on an H100.
 # Usage, from the repository root on the GPU machine:
 #   source .gpu/env.sh && bash benchmarks/gpu_all.sh
 # Tables go to stdout; JSON and PNG files to benchmarks/results/<gpu-name>/ and the GIF
@@ -27,14 +27,15 @@ step() {  # step NAME SECONDS COMMAND...
 
 main() {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
-  # The step limits add up to 8 minutes. On an H100 the steps took 138 s (resources,
-  # bfloat16 included then), 120, 36, 91 and 12 s. Kernels that resources compiles are
-  # cached on disk for the steps after it.
-  step "resources (float16, head dims 64 and 128)" 110 \
+  # The step limits add up to 9 min 40 s. On an H100 (2026-11-24, ed3ce13) speed
+  # --quick and resources together took 371 s (mostly compiling: 25-45 s per
+  # tensor-core kernel), memory 55, io 79, animate 9. resources runs after speed so
+  # that it loads speed's kernels from the disk cache.
+  step "speed --quick" 330 $PY -m benchmarks speed --quick
+  step "resources (float16, head dims 64 and 128)" 60 \
     $PY -m benchmarks resources --dtypes float16 --head-dims 64 128
-  step "speed --quick" 160 $PY -m benchmarks speed --quick
   step "memory" 60 $PY -m benchmarks memory --seqlens 2048 4096 8192 16384 32768 65536
-  step "io --quick" 120 $PY -m benchmarks io --quick --timeout 110
+  step "io --quick" 100 $PY -m benchmarks io --quick --timeout 90
   step "animate" 30 $PY -m benchmarks animate
   echo
   echo "== done in ${SECONDS}s; failed: ${failed[*]:-none}"
