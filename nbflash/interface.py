@@ -350,9 +350,15 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         return dq, dk, dv
 
     store = config.STORAGE[name]
-    block_n = (config.select_backward_mma(head_dim, ops.SIMULATOR) if name in config.MMA_DTYPES
-               else config.select_backward(name, head_dim, ops.SIMULATOR)).block_n
-    n_blocks = _cdiv(seqlen_k, block_n)
+    mma = name in config.MMA_DTYPES
+    if mma:
+        cfg = config.select_backward_mma(head_dim, ops.SIMULATOR)
+        cfg.check()
+        nbytes = cfg.backward_shared_bytes
+    else:
+        cfg = config.select_backward(name, head_dim, ops.SIMULATOR)
+        nbytes = config.check_fits(cfg, config.backward_shared_elements(cfg), name)
+    n_blocks = _cdiv(seqlen_k, cfg.block_n)
     splits = _deterministic_splits(n_blocks, batch * nheads_k) if deterministic else 1
     delta = _empty((batch, nheads, seqlen_q), acc)
     dq_accum = _empty((splits * batch,) + q.shape[1:], acc)
@@ -363,27 +369,18 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     pre(rows_grid, (ROW_THREADS,), [_kernel_view(dout), _kernel_view(out), delta, dq_accum])
 
     scale_acc, scale_log2 = acc(scale), acc(scale * LOG2E)
-    if name in config.MMA_DTYPES:
-        cfg = config.select_backward_mma(head_dim, ops.SIMULATOR)
-        cfg.check()
+    # The tensor-core kernel reads q, k, v, dout as uint16 in the chunk layout.
+    if mma:
         inputs = [_chunk_layout(x).view(np.uint16) for x in (q, k, v, dout)]
-        signature = ([array_type(np.uint16, 4)] * 4 + [array_type(acc, 3)] * 2
-                     + [array_type(acc, 4)] + [array_type(store, 4)] * 2
-                     + [scalar_type(scale_acc)] * 2)
-        main = get_kernel(("backward_mma", cfg, name, causal, deterministic),
-                          lambda: build_backward_mma(cfg, name, causal, deterministic),
-                          signature, cfg.backward_shared_bytes)
+        kind, build, in_type = "backward_mma", build_backward_mma, np.uint16
     else:
-        cfg = config.select_backward(name, head_dim, ops.SIMULATOR)
-        elements = config.backward_shared_elements(cfg)
-        nbytes = config.check_fits(cfg, elements, name)
         inputs = [_kernel_view(x) for x in (q, k, v, dout)]
-        signature = ([array_type(store, 4)] * 4 + [array_type(acc, 3)] * 2
-                     + [array_type(acc, 4)] + [array_type(store, 4)] * 2
-                     + [scalar_type(scale_acc)] * 2)
-        main = get_kernel(("backward", cfg, name, causal, deterministic),
-                          lambda: build_backward(cfg, name, causal, deterministic), signature,
-                          nbytes)
+        kind, build, in_type = "backward", build_backward, store
+    signature = ([array_type(in_type, 4)] * 4 + [array_type(acc, 3)] * 2
+                 + [array_type(acc, 4)] + [array_type(store, 4)] * 2
+                 + [scalar_type(scale_acc)] * 2)
+    main = get_kernel((kind, cfg, name, causal, deterministic),
+                      lambda: build(cfg, name, causal, deterministic), signature, nbytes)
     main((splits if deterministic else n_blocks, nheads_k, batch), (cfg.threads,),
          inputs + [lse, delta, dq_accum, _kernel_view(dk), _kernel_view(dv), scale_acc,
                    scale_log2])
