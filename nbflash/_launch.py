@@ -12,9 +12,16 @@ arguments are computed once, and each launch fills in only the data pointers.
 
 Under the simulator the dispatcher is simply called.
 """
+import contextlib
 import functools
 import math
+import os
 import threading
+
+try:
+    import fcntl
+except ImportError:     # Windows: no cross-process compile lock
+    fcntl = None
 
 import numpy as np
 from numba import cuda, types
@@ -55,7 +62,8 @@ class Kernel:
         self.shared_bytes = int(shared_bytes)
         if ops.SIMULATOR:
             return
-        compiled = dispatcher.compile(tuple(signature))
+        with _compile_lock(dispatcher):
+            compiled = dispatcher.compile(tuple(signature))
         # Private numba-cuda API (0.30): the CUfunction of the compiled kernel.
         cufunc = compiled._codelibrary.get_cufunc()
         if self.shared_bytes > DEFAULT_SHARED_BYTES:
@@ -175,6 +183,35 @@ class ArgTemplate:
         for slot, pointer in zip(self._slots, pointers):
             flat[slot] = pointer
         return flat
+
+
+@contextlib.contextmanager
+def _compile_lock(dispatcher):
+    """Holds an exclusive lock on the kernel's disk-cache index while it compiles
+    (or loads) it, so that processes starting together on a cold cache (training
+    ranks, test workers) do not interleave their index and data writes, which
+    Numba's cache does not guard against. One lock per kernel name: different
+    configurations still compile in parallel. Without ``fcntl``, or when the
+    cache directory is not writable, no lock is taken.
+    """
+    # Private numba-cuda API (0.30): the dispatcher's CUDACache and its index path.
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    index = getattr(cache_file, "_index_path", None)
+    handle = None
+    if fcntl is not None and index is not None:
+        try:
+            os.makedirs(os.path.dirname(index), exist_ok=True)
+            handle = open(index + ".lock", "a+b")
+        except OSError:
+            handle = None
+    if handle is None:
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()   # closing releases the lock
 
 
 def _allow_dynamic_shared(cufunc, nbytes):

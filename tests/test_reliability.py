@@ -903,6 +903,24 @@ def test_first_calls_from_threads_compile_each_kernel_once(tmp_path, capsys):
     assert result["ok"], result
 
 
+@pytest.mark.gpu
+def test_processes_on_a_cold_disk_cache(tmp_path, capsys):
+    """6 processes compile 3 kernel configurations (each twice) into one empty disk
+    cache at the same moment; a fresh process then loads every one of them from the
+    cache and gets accurate results (tests/gpu/cold_cache_processes.py)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/gpu/cold_cache_processes.py")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"no result (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    result = json.loads(lines[-1])
+    _report(capsys, f"processes on a cold disk cache: {result}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert result["ok"], result
+
+
 # ------------------------------------------------------------------ 6. resource hygiene
 
 @pytest.mark.gpu

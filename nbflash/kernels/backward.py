@@ -38,8 +38,9 @@ from numba import cuda, from_dtype
 
 from .. import ops
 from ..config import ACCUMULATOR, TileConfig, backward_shared_elements, padded
-from .common import (LOG2E, NEG_INF, device, element_codec, make_row_loader,
-                     make_tile_loader, query_tile_range, tile_needs_mask)
+from .common import (LOG2E, NEG_INF, config_name, device, element_codec, kernel,
+                     make_key_tile_schedule, make_row_loader, make_tile_loader,
+                     query_tile_range, tile_needs_mask)
 
 #: Threads per block of the two elementwise kernels.
 ROW_THREADS = 128
@@ -54,7 +55,7 @@ def build_preprocess(dtype_name: str):
     to_acc, _ = element_codec(dtype_name)
     SALT = ops.SOURCE_SALT
 
-    @cuda.jit(**ops.jit_options(cache=True))
+    @kernel(f"preprocess_{dtype_name}")
     def preprocess(dout, out, delta, dq_accum):
         _ = SALT  # noqa: F841
         row = cuda.blockIdx.x * ROW_THREADS + cuda.threadIdx.x
@@ -83,7 +84,7 @@ def build_convert(dtype_name: str):
     _, from_acc = element_codec(dtype_name)
     SALT = ops.SOURCE_SALT
 
-    @cuda.jit(**ops.jit_options(cache=True))
+    @kernel(f"convert_{dtype_name}")
     def convert(src, dst):
         _ = SALT  # noqa: F841
         row = cuda.blockIdx.x * ROW_THREADS + cuda.threadIdx.x
@@ -118,7 +119,7 @@ def build_backward(cfg: TileConfig, dtype_name: str, causal: bool,
     ROW, SROW = padded(D), padded(BN)
     ACC = from_dtype(ACCUMULATOR[dtype_name])   # Numba type, for shared/local arrays
     CAUSAL = causal
-    DETERMINISTIC = deterministic
+    key_tiles = make_key_tile_schedule(deterministic, BN)
     SALT = ops.SOURCE_SALT
 
     OFF_K = 0
@@ -203,7 +204,8 @@ def build_backward(cfg: TileConfig, dtype_name: str, causal: bool,
     dk_dv_d = device(accumulate_dk_dv)
     add_dq_d = device(add_dq)
 
-    @cuda.jit(**ops.jit_options(cache=True))
+    @kernel(f"backward_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}"
+            + ("_deterministic" if deterministic else ""))
     def backward(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2):
         _ = SALT  # noqa: F841
         h_kv = cuda.blockIdx.y
@@ -215,14 +217,7 @@ def build_backward(cfg: TileConfig, dtype_name: str, causal: bool,
         seqlen_k = k.shape[1]
         head_dim = q.shape[3]
         group = q.shape[2] // k.shape[2]
-        split = cuda.blockIdx.x                # see DETERMINISM above
-        dq_b = b
-        stop = split + 1
-        step = 1
-        if DETERMINISTIC:
-            dq_b = b + q.shape[0] * split
-            stop = (seqlen_k + BN - 1) // BN
-            step = cuda.gridDim.x
+        split, stop, step, dq_b = key_tiles(b, q.shape[0], seqlen_k)   # see DETERMINISM
 
         smem = cuda.shared.array(0, ACC)
         k_tile = ops.smem_view2d(smem, OFF_K, BN, ROW)

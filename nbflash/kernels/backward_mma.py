@@ -29,8 +29,8 @@ from numba import cuda, from_dtype
 
 from .. import ops
 from ..config import MmaConfig
-from .common import (LOG2E, NEG_INF, device, element_codec, query_tile_range, static_loop,
-                     tile_needs_mask)
+from .common import (LOG2E, NEG_INF, config_name, device, element_codec, kernel,
+                     make_key_tile_schedule, query_tile_range, static_loop, tile_needs_mask)
 from .forward_mma import make_mma_tile_ops
 
 
@@ -59,7 +59,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     DQ_PASSES = 2 if D >= 128 else 1
     DTP = DT // DQ_PASSES  # dQ column n-tiles per pass
     CAUSAL = causal
-    DETERMINISTIC = deterministic
+    key_tiles = make_key_tile_schedule(deterministic, BN)
     SALT = ops.SOURCE_SALT
     ZERO = np.float32(0.0)
     INF = np.float32(np.inf)
@@ -261,7 +261,8 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     probabilities_d = device(probabilities)
     U16 = from_dtype(np.uint16)
 
-    @cuda.jit(**ops.jit_options(cache=True, lineinfo=True))
+    @kernel(f"backward_mma_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}"
+            + ("_deterministic" if deterministic else ""), lineinfo=True)
     def backward_mma(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2):
         _ = SALT  # noqa: F841  (part of the cache key)
         h_kv = cuda.blockIdx.y
@@ -277,14 +278,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
         group = q.shape[2] // k.shape[2]
         # One key tile per block, or, deterministic, a strided share of them and a
         # dQ accumulator slice of its own: see DETERMINISM in kernels/backward.py.
-        split = cuda.blockIdx.x
-        dq_b = b
-        stop = split + 1
-        step = 1
-        if DETERMINISTIC:
-            dq_b = b + q.shape[0] * split
-            stop = (seqlen_k + BN - 1) // BN
-            step = cuda.gridDim.x
+        split, stop, step, dq_b = key_tiles(b, q.shape[0], seqlen_k)
 
         smem = cuda.shared.array(0, U16)
         smem_base = ops.smem_addr(smem, 0)

@@ -4,6 +4,7 @@ Each ``make_*`` function returns a device function specialised on compile-time
 constants (tile sizes, element type); the kernels close over what they need.
 """
 import math
+import re
 
 import numpy as np
 from numba import cuda
@@ -20,6 +21,32 @@ def device(fn):
     return cuda.jit(device=True, **ops.jit_options(forceinline=True))(fn)
 
 
+def kernel(name, **options):
+    """``cuda.jit`` for a kernel (disk-cached), renamed ``name`` first.
+
+    Numba's disk cache keeps one index file per function name, and processes that
+    compile two overloads of one name at once can overwrite each other's index
+    and data files, so that one configuration's binary is later served for another.
+    Each kernel configuration therefore gets its own name (which profilers show,
+    too), and ``_launch`` locks that name's index while compiling.
+    """
+    def jit(fn):
+        fn.__name__ = fn.__qualname__ = re.sub(r"\W", "_", name)
+        return cuda.jit(**ops.jit_options(cache=True, **options))(fn)
+
+    return jit
+
+
+def config_name(cfg):
+    """A short name for a tile configuration, e.g. ``128x64_d64_4w_qreg``."""
+    parts = [f"{cfg.block_m}x{cfg.block_n}", f"d{cfg.head_dim}"]
+    if hasattr(cfg, "warps"):
+        parts.append(f"{cfg.warps}w" + ("_qreg" if cfg.q_in_registers else ""))
+    else:
+        parts.append(f"{cfg.threads}t{cfg.thread_cols}c")
+    return "_".join(parts)
+
+
 def static_loop(n, body):
     """A device function ``loop(*args)`` running ``body(i, *args)`` for i = 0, ..., n - 1,
     with every i a compile-time constant.
@@ -29,12 +56,38 @@ def static_loop(n, body):
     one per i, give straight-line code with constant indices: ``#pragma unroll``.
     (A balanced tree of calls types faster but measured 70 more registers on the
     head-dim-128 forward kernel; the chain is kept.)
+
+    Numba types a chain recursively, and more than about 64 links exceed Python's
+    recursion limit, so a longer loop is a chain of chains of at most
+    ``CHAIN_LINKS`` steps each; every configuration nbflash selects stays within one.
     """
+    if n <= CHAIN_LINKS:
+        return _chain(n, body, 0)
+    loop = _chain(0, body, 0)
+    for start in range(0, n, CHAIN_LINKS):
+        part = _chain(min(CHAIN_LINKS, n - start), body, start)
+        loop = _then(loop, _ignoring_index(part), start)
+    return loop
+
+
+def _ignoring_index(part):
+    @device
+    def step(i, *args):
+        part(*args)
+
+    return step
+
+
+#: The longest straight chain ``static_loop`` builds.
+CHAIN_LINKS = 32
+
+
+def _chain(n, body, start):
     @device
     def loop(*args):
         pass
 
-    for i in range(n):
+    for i in range(start, start + n):
         loop = _then(loop, body, i)
     return loop
 
@@ -46,6 +99,24 @@ def _then(first, body, i):
         body(i, *args)
 
     return loop
+
+
+def make_key_tile_schedule(deterministic, block_n):
+    """``schedule(b, batch, seqlen_k) -> (first, stop, step, dq_b)``: the key tiles a
+    backward block handles (``range(first, stop, step)``) and the batch row of its
+    dQ accumulator slice. By default block x handles key tile x and adds into the
+    shared accumulator; deterministic, block x of ``gridDim.x`` handles every
+    ``gridDim.x``-th tile from x and owns slice x (see DETERMINISM in
+    kernels/backward.py)."""
+    if deterministic:
+        def schedule(b, batch, seqlen_k):
+            split = cuda.blockIdx.x
+            return split, (seqlen_k + block_n - 1) // block_n, cuda.gridDim.x, b + batch * split
+    else:
+        def schedule(b, batch, seqlen_k):
+            split = cuda.blockIdx.x
+            return split, split + 1, 1, b
+    return device(schedule)
 
 
 key_tile_range = device(block_info.key_tile_range)

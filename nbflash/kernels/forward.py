@@ -30,8 +30,8 @@ from numba import cuda, from_dtype
 
 from .. import ops
 from ..config import ACCUMULATOR, TileConfig, forward_shared_elements, padded
-from .common import (LN2, NEG_INF, device, element_codec, key_tile_range,
-                     make_tile_loader, tile_needs_mask)
+from .common import (LN2, NEG_INF, config_name, device, element_codec, kernel,
+                     key_tile_range, make_tile_loader, tile_needs_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +130,7 @@ def build_forward(cfg: TileConfig, dtype_name: str, causal: bool):
     softmax_d = device(online_softmax_row)
     pv_d = device(accumulate_pv)
 
-    @cuda.jit(**ops.jit_options(cache=True))
+    @kernel(f"forward_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}")
     def forward(q, k, v, o, lse, scale_log2):
         _ = SALT  # noqa: F841  (part of the cache key)
         m_block = cuda.blockIdx.x

@@ -28,8 +28,8 @@ from numba import cuda, from_dtype
 
 from .. import ops
 from ..config import MmaConfig
-from .common import (LN2, NEG_INF, device, element_codec, key_tile_range, static_loop,
-                     tile_needs_mask)
+from .common import (LN2, NEG_INF, config_name, device, element_codec, kernel,
+                     key_tile_range, static_loop, tile_needs_mask)
 
 
 def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
@@ -310,7 +310,8 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     write_output_d = device(write_output)
     U16 = from_dtype(np.uint16)
 
-    @cuda.jit(**ops.jit_options(cache=True, lineinfo=True))
+    @kernel(f"forward_mma_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}",
+            lineinfo=True)
     def forward_mma(q, k, v, out, lse, scale_log2):
         _ = SALT  # noqa: F841  (part of the cache key)
         m_block = cuda.blockIdx.x

@@ -39,8 +39,6 @@ def main():
     t_start = time.perf_counter()
     from nbflash import _launch, interface   # nothing compiled yet
     import nbflash
-    import reference
-    from tolerance import assert_accurate, max_abs_logit, to_numpy64
 
     lock = threading.Lock()
     builds = collections.Counter()
@@ -113,24 +111,8 @@ def main():
                 for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), r, group[0]):
                     if name != "dq" and a.tobytes() != b.tobytes():
                         problems.append(f"config {c}: {name} differs between threads")
-            q, k, v, do = host
-            exact = reference.attention(q, k, v, causal=causal)
-            naive = reference.naive_attention(q, k, v, causal=causal)
-            out, lse = group[0][:2]
-            grads_exact = reference.attention_backward(
-                do, q, k, v, causal=causal, out=to_numpy64(out), lse=to_numpy64(lse))
-            grads_naive = reference.naive_attention_backward(do, q, k, v, causal=causal)
-            logit = max_abs_logit(q, k, None)
-            n_fwd = max(k.shape[1], q.shape[3])
-            n_bwd = max(q.shape[1] * (q.shape[2] // k.shape[2]), k.shape[1], q.shape[3])
-            checks = zip(("out", "lse", "dq", "dk", "dv"), group[0],
-                         exact + grads_exact, naive + grads_naive,
-                         (n_fwd, n_fwd, n_bwd, n_bwd, n_bwd))
-            for name, got, e, nv, n in checks:
-                try:
-                    assert_accurate(name, got, e, nv, dtype_name, n, logit)
-                except AssertionError as err:
-                    problems.append(f"config {c}: {err}")
+            problems += [f"config {c}: {p}"
+                         for p in accuracy_problems(host, group[0], causal, dtype_name)]
 
     result = {"ok": not problems, "problems": problems, "threads": N_THREADS,
               "kernels": len(keys), "kernel_objects_built": len(constructed),
@@ -138,6 +120,32 @@ def main():
               "total_s": round(time.perf_counter() - t_start, 2)}
     print(json.dumps(result), flush=True)
     return 0 if not problems else 1
+
+
+def accuracy_problems(host, got, causal, dtype_name):
+    """The accuracy rule's failures for ``got`` = (out, lse, dq, dk, dv) computed from
+    ``host`` = (q, k, v, dout) NumPy arrays; an empty list when all hold."""
+    import reference
+    from tolerance import assert_accurate, max_abs_logit, to_numpy64
+    q, k, v, do = host
+    exact = reference.attention(q, k, v, causal=causal)
+    naive = reference.naive_attention(q, k, v, causal=causal)
+    out, lse = got[:2]
+    grads_exact = reference.attention_backward(
+        do, q, k, v, causal=causal, out=to_numpy64(out), lse=to_numpy64(lse))
+    grads_naive = reference.naive_attention_backward(do, q, k, v, causal=causal)
+    logit = max_abs_logit(q, k, None)
+    n_fwd = max(k.shape[1], q.shape[3])
+    n_bwd = max(q.shape[1] * (q.shape[2] // k.shape[2]), k.shape[1], q.shape[3])
+    problems = []
+    checks = zip(("out", "lse", "dq", "dk", "dv"), got, exact + grads_exact,
+                 naive + grads_naive, (n_fwd, n_fwd, n_bwd, n_bwd, n_bwd))
+    for name, g, e, nv, n in checks:
+        try:
+            assert_accurate(name, g, e, nv, dtype_name, n, logit)
+        except AssertionError as err:
+            problems.append(str(err))
+    return problems
 
 
 if __name__ == "__main__":
