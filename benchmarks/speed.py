@@ -83,6 +83,9 @@ def parse_args(argv):
                     help="calls for the host-overhead measurement (0: skip it)")
     common.add_quick_option(ap, QUICK, "grid")
     ap.add_argument("--out", help="results folder (default benchmarks/results/<gpu-name>)")
+    ap.add_argument("--merge", action="store_true",
+                    help="add this run's points to the folder's speed.json (a point run "
+                         "again replaces the old one), so a grid can be run in parts")
     args = common.apply_quick(ap, ap.parse_args(argv), QUICK)
     if "nbflash" not in args.peers:
         args.peers = ["nbflash", *args.peers]
@@ -295,6 +298,31 @@ def plot(rows, outdir):
     return paths
 
 
+def _point(row):
+    return tuple(row[k] for k in ("dtype", "headdim", "causal", "seqlen", "batch", "nheads",
+                                  "nheads_k", "pass"))
+
+
+def merged(path, payload):
+    """``payload`` with the rows of an earlier run's JSON at ``path`` (if any) that it
+    does not measure again; the earlier runs' environments and configs are kept under
+    ``earlier_runs``."""
+    import json
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        return payload
+    new_points = {_point(r) for r in payload["rows"]}
+    rows = [r for r in old.get("rows", []) if _point(r) not in new_points] + payload["rows"]
+    earlier = old.pop("earlier_runs", []) + [
+        {"environment": old.get("environment"), "config": old.get("config"),
+         "points": len(old.get("rows", []))}]
+    return {**payload, "rows": sorted(rows, key=_point),
+            "host_overhead": payload["host_overhead"] or old.get("host_overhead", []),
+            "earlier_runs": earlier}
+
+
 def main(argv=None):
     args = parse_args(argv)
     if common.exit_without_gpu("speed"):
@@ -302,9 +330,12 @@ def main(argv=None):
     outdir = common.results_dir(args.out)
     rows = sweep(args)
     overhead = host_overhead(args) if args.overhead_calls else []
+    payload = {"config": vars(args), "rows": rows, "host_overhead": overhead}
+    if args.merge:
+        payload = merged(outdir / "speed.json", payload)
+        rows, overhead = payload["rows"], payload["host_overhead"]
     print(tables(rows, overhead))
-    path = common.write_json(outdir / "speed.json",
-                             {"config": vars(args), "rows": rows, "host_overhead": overhead})
+    path = common.write_json(outdir / "speed.json", payload)
     print(f"\nwrote {path}")
     for p in plot(rows, outdir):
         print(f"wrote {p}")

@@ -35,6 +35,8 @@ NOT_ARRAY = r"must be a (cupy\.ndarray|numpy\.ndarray \(CUDA simulator\))"
 only_gpu = pytest.mark.skipif(not ON_GPU, reason="NumPy arrays are the array type of "
                                                  "the simulator")
 only_simulator = pytest.mark.skipif(ON_GPU, reason="simulator-only case")
+# Selected by ``pytest -m gpu`` on a GPU and ``-m simulator`` without one.
+pytestmark = [pytest.mark.gpu if ON_GPU else pytest.mark.simulator]
 
 
 # ---------------------------------------------------------------- input helpers

@@ -160,6 +160,23 @@ def test_standard_grid():
     assert quick.seqlens == speed.QUICK["seqlens"] and quick.headdims == [64]
 
 
+def test_speed_runs_merge_by_point(tmp_path):
+    def row(dtype, seqlen, ms):
+        return {"dtype": dtype, "headdim": 64, "causal": False, "seqlen": seqlen, "batch": 1,
+                "nheads": 32, "nheads_k": 32, "pass": "fwd", "peers": {"nbflash": {"ms": ms}}}
+
+    path = tmp_path / "speed.json"
+    common.write_json(path, {"config": {"dtypes": ["float16"]}, "host_overhead": [],
+                             "rows": [row("float16", 512, 1.0), row("float16", 1024, 2.0)]},
+                      with_gpu=False)
+    out = speed.merged(path, {"config": {"dtypes": ["bfloat16"]}, "host_overhead": [],
+                              "rows": [row("bfloat16", 512, 3.0), row("float16", 1024, 4.0)]})
+    got = {(r["dtype"], r["seqlen"]): r["peers"]["nbflash"]["ms"] for r in out["rows"]}
+    assert got == {("float16", 512): 1.0, ("float16", 1024): 4.0, ("bfloat16", 512): 3.0}
+    assert out["earlier_runs"][0]["config"] == {"dtypes": ["float16"]}
+    assert speed.merged(tmp_path / "absent.json", {"rows": []}) == {"rows": []}
+
+
 def test_timing_arithmetic():
     assert timing.input_sets_needed(256 * 2**20, 50 * 2**20) == 2
     assert timing.input_sets_needed(2**20, 50 * 2**20) == 8

@@ -8,10 +8,11 @@ configurations, in one process (kernels compile once per process).
 (``--list`` prints it) covers every dtype (float16, bfloat16, float32, float64),
 head dims 1, 17, 32, 64, 80, 96, 128, 256, causal and not, GQA and MQA,
 seqlen_q != seqlen_k, seqlens 1, 37, 129, 130 (no multiple of any tile), rows that
-see no key, and strided layouts; batch 1, at most 4 heads. memcheck gets the most
-cases, synccheck and initcheck one shape per (dtype, head dim, causal), racecheck
-(the slowest) one shape per kernel family (tensor-core, SIMT float32, SIMT float64),
-head-dim bucket and causal.
+see no key, strided layouts, and the deterministic backward; batch 1, at most 4
+heads. memcheck gets the most cases, synccheck and initcheck one shape per (dtype,
+head dim, causal), racecheck (the slowest) one shape per kernel family (tensor-core,
+SIMT float32, SIMT float64), head-dim bucket and causal, plus the deterministic
+backward per family.
 
 For each case every output is checked: written in full (nbflash's allocations are
 poisoned with NaN first, as the tests' ``poison`` fixture does; not under initcheck,
@@ -61,12 +62,13 @@ class Case:
     nheads: int
     nheads_k: int
     layout: str
+    deterministic: bool = False     # attention_backward(deterministic=...)
 
     @property
     def name(self):
         return (f"{self.dtype}-d{self.head_dim}-{'causal' if self.causal else 'full'}-"
                 f"q{self.seqlen_q}-k{self.seqlen_k}-h{self.nheads}/{self.nheads_k}-"
-                f"{self.layout}")
+                f"{self.layout}" + ("-det" if self.deterministic else ""))
 
 
 def matrix(tool):
@@ -75,13 +77,14 @@ def matrix(tool):
     cases = []
     if tool == "memcheck":
         for c, (dt, hd, causal) in enumerate(combos):
-            for s in (c % len(SHAPES), (c + 2) % len(SHAPES)):
-                cases.append(Case(dt, hd, causal, *SHAPES[s], LAYOUTS[(c + s) % 3]))
+            # The second shape of each combination runs the deterministic backward.
+            for s, det in ((c % len(SHAPES), False), ((c + 2) % len(SHAPES), True)):
+                cases.append(Case(dt, hd, causal, *SHAPES[s], LAYOUTS[(c + s) % 3], det))
     elif tool in ("synccheck", "initcheck", "none"):
         shift = 1 if tool == "initcheck" else 0
         for c, (dt, hd, causal) in enumerate(combos):
             cases.append(Case(dt, hd, causal, *SHAPES[(c + shift) % len(SHAPES)],
-                              LAYOUTS[c % 3]))
+                              LAYOUTS[c % 3], deterministic=c % 2 == 1))
     elif tool == "racecheck":
         # Shared-memory hazards depend on the kernel and its tile configuration:
         # tensor cores for float16/bfloat16 (bfloat16 differs only in conversions),
@@ -93,6 +96,9 @@ def matrix(tool):
             cases.append(Case(dt, hd, causal, 70, 129, 2, 1, "contiguous"))
         for causal in (False, True):
             cases.append(Case("bfloat16", 32, causal, 70, 129, 2, 1, "contiguous"))
+        # The deterministic backward: its own dQ schedule, per kernel family.
+        for dt, causal in itertools.product(("float16", "float32", "float64"), (False, True)):
+            cases.append(Case(dt, 64, causal, 70, 129, 2, 1, "contiguous", True))
     else:
         raise ValueError(f"unknown tool {tool!r}")
     return cases
@@ -111,10 +117,12 @@ def smoke(cases):
     small = []
     for c in cases:
         s = Case(c.dtype, min(c.head_dim, 16), c.causal, min(c.seqlen_q, 20),
-                 min(c.seqlen_k, 19), min(c.nheads, 2), min(c.nheads_k, 2), c.layout)
+                 min(c.seqlen_k, 19), min(c.nheads, 2), min(c.nheads_k, 2), c.layout,
+                 c.deterministic)
         if s.nheads % s.nheads_k:
             s = Case(*[getattr(s, f) for f in ("dtype", "head_dim", "causal", "seqlen_q",
-                                               "seqlen_k", "nheads")], 1, s.layout)
+                                               "seqlen_k", "nheads")], 1, s.layout,
+                     s.deterministic)
         if s not in small:
             small.append(s)
     return small
@@ -167,7 +175,8 @@ class Runner:
         dq_, dk_, dv_ = (_layout(x, xp, case.layout, rng) for x in (q, k, v))
         ddo = xp.asarray(do)
         out, lse = nbflash.attention(dq_, dk_, dv_, causal=case.causal, return_lse=True)
-        grads = nbflash.attention_backward(ddo, dq_, dk_, dv_, out, lse, causal=case.causal)
+        grads = nbflash.attention_backward(ddo, dq_, dk_, dv_, out, lse, causal=case.causal,
+                                           deterministic=case.deterministic)
         if self.interface.ON_GPU:
             import cupy
             cupy.cuda.Device().synchronize()
