@@ -11,10 +11,10 @@ For each tool T of memcheck, racecheck, synccheck, initcheck it runs
 (``sanitize_cases.py`` holds the configuration matrix and checks every output), split
 into ``--shards`` processes per tool, each taking whole (dtype, causal) groups so
 that it compiles only its share of the kernels. Up to ``--jobs`` processes run at
-once (default: all). Each process has its own Numba disk cache,
-``<cache-dir>/<tool>-<shard>``: Numba's cache index is not safe for concurrent
-writers, and with a kept ``--cache-dir`` a second run loads every kernel instead of
-compiling it. Logs go to ``<log-dir>/<tool>-<shard>.log``.
+once (default: all). All processes share Numba's disk cache (nbflash locks each
+kernel's cache entry while compiling it), so a kernel compiles once for all tools,
+and not at all after ``python -m nbflash.precompile``; ``--cache-dir DIR`` uses DIR
+instead of the default cache. Logs go to ``<log-dir>/<tool>-<shard>.log``.
 
 Prints a table tool x (cases, failed cases, sanitizer errors and warnings, exit
 status, time), then every failing configuration with its reason. Sanitizer
@@ -130,14 +130,13 @@ def main(argv=None):
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per process")
     ap.add_argument("--sanitizer", default=None, help="compute-sanitizer executable")
     ap.add_argument("--cache-dir", default=None,
-                    help="keep Numba disk caches here (default: a temporary directory)")
+                    help="Numba disk cache to use (default: Numba's own)")
     ap.add_argument("--log-dir", default=None,
                     help="default: $OUT/sanitize if $OUT is set, else a temporary directory")
     args = ap.parse_args(argv)
 
     sanitizer = find_sanitizer(args.sanitizer)
     tmp = tempfile.mkdtemp(prefix="nbflash-sanitize-")
-    cache_dir = pathlib.Path(args.cache_dir or os.path.join(tmp, "cache"))
     log_dir = pathlib.Path(args.log_dir or (os.path.join(os.environ["OUT"], "sanitize")
                                             if os.environ.get("OUT") else os.path.join(tmp, "logs")))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -146,10 +145,10 @@ def main(argv=None):
     jobs = []
     for tool in args.tools:
         for s in range(args.shards):
-            cache = cache_dir / f"{tool}-{s}"
-            cache.mkdir(parents=True, exist_ok=True)
-            env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), PYTHONUNBUFFERED="1",
+            env = dict(os.environ, PYTHONUNBUFFERED="1",
                        PYTHONPATH=pythonpath, NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS="0")
+            if args.cache_dir:
+                env["NUMBA_CACHE_DIR"] = args.cache_dir
             # Host API errors are not reported: cuda.bindings resolves the driver's
             # entry points with cuGetProcAddress and probes some that driver 580 lacks
             # (34 INVALID_VALUE per process, all before the first kernel launch, on
@@ -218,8 +217,6 @@ def main(argv=None):
         for tool, name, reason in warnings:
             print(f"  {tool:<10} {name}: {reason}")
     print("\nsanitize: " + ("FAILED" if bad or failures else "all clean"))
-    if args.cache_dir is None:
-        shutil.rmtree(cache_dir, ignore_errors=True)
     return 1 if bad or failures else 0
 
 
