@@ -88,5 +88,46 @@ def main(names=None):
     return results
 
 
+def every_dispatcher():
+    """Every kernel dispatcher nbflash can select: all dtypes, head-dim buckets,
+    causal or not, deterministic or not, and the backward's two elementwise kernels."""
+    from nbflash import config
+    from nbflash.kernels.backward import build_backward, build_convert, build_preprocess
+    from nbflash.kernels.backward_mma import build_backward_mma
+    from nbflash.kernels.forward import build_forward
+    from nbflash.kernels.forward_mma import build_forward_mma
+    for dt in ("float16", "bfloat16", "float32", "float64"):
+        yield build_preprocess(dt)
+        yield build_convert(dt)
+        for d in config.HEAD_DIM_BUCKETS:
+            for causal in (False, True):
+                if dt in config.MMA_DTYPES:
+                    yield build_forward_mma(config.select_forward_mma(d, causal=causal), dt, causal)
+                    for det in (False, True):
+                        yield build_backward_mma(config.select_backward_mma(d), dt, causal, det)
+                else:
+                    yield build_forward(config.select_forward(dt, d), dt, causal)
+                    for det in (False, True):
+                        yield build_backward(config.select_backward(dt, d), dt, causal, det)
+
+
+def cache_keys():
+    """{kernel name: hash of the closure values Numba's disk cache keys it on}."""
+    import hashlib
+
+    from numba.cuda.serialize import dumps
+    keys = {}
+    for dispatcher in every_dispatcher():
+        f = dispatcher.py_func
+        cells = tuple(c.cell_contents for c in f.__closure__ or ())
+        if f.__name__ in keys:
+            raise SystemExit(f"two kernels are named {f.__name__}")
+        keys[f.__name__] = hashlib.sha256(dumps(cells)).hexdigest()
+    return keys
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:] == ["--cache-keys"]:
+        print(json.dumps(cache_keys()))
+    else:
+        main(sys.argv[1:])

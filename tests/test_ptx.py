@@ -66,3 +66,22 @@ def test_no_local_memory(report, kernel):
     assert len(rows) == 1
     r = rows[0]
     assert r["local_ld_st"] == 0 and r["spill_store_bytes"] == 0, r
+
+
+def test_disk_cache_keys_are_the_same_in_every_process():
+    """Numba's disk cache keys a kernel on its pickled closure values. Each kernel
+    configuration has its own name, and the keys must not change from one process
+    to the next (a random uuid in a pickled intrinsic once made every new process
+    recompile every tensor-core kernel)."""
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, str(ROOT / "tests" / "ptx_check.py"),
+                               "--cache-keys"], capture_output=True, text=True, env=env,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.splitlines()[-1]))
+    assert len(runs[0]) >= 100, sorted(runs[0])
+    changed = sorted(k for k in runs[0] if runs[0][k] != runs[1].get(k))
+    assert not changed, f"cache keys differ between processes: {changed}"
