@@ -53,11 +53,9 @@ def build_preprocess(dtype_name: str):
     one thread per query row."""
     ACC_SCALAR = ACCUMULATOR[dtype_name]
     to_acc, _ = element_codec(dtype_name)
-    SALT = ops.SOURCE_SALT
 
-    @kernel(f"preprocess_{dtype_name}")
+    @kernel(f"preprocess_{dtype_name}", dtype_name)
     def preprocess(dout, out, delta, dq_accum):
-        _ = SALT  # noqa: F841
         row = cuda.blockIdx.x * ROW_THREADS + cuda.threadIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
@@ -82,11 +80,9 @@ def build_convert(dtype_name: str):
     (``splits * batch`` rows on axis 0), summed in order.
     Grid ``(ceil(seqlen / ROW_THREADS), heads, batch)``."""
     _, from_acc = element_codec(dtype_name)
-    SALT = ops.SOURCE_SALT
 
-    @kernel(f"convert_{dtype_name}")
+    @kernel(f"convert_{dtype_name}", dtype_name)
     def convert(src, dst):
-        _ = SALT  # noqa: F841
         row = cuda.blockIdx.x * ROW_THREADS + cuda.threadIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
@@ -120,7 +116,6 @@ def build_backward(cfg: TileConfig, dtype_name: str, causal: bool,
     ACC = from_dtype(ACCUMULATOR[dtype_name])   # Numba type, for shared/local arrays
     CAUSAL = causal
     key_tiles = make_key_tile_schedule(deterministic, BN)
-    SALT = ops.SOURCE_SALT
 
     OFF_K = 0
     OFF_V = OFF_K + BN * ROW
@@ -205,9 +200,9 @@ def build_backward(cfg: TileConfig, dtype_name: str, causal: bool,
     add_dq_d = device(add_dq)
 
     @kernel(f"backward_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}"
-            + ("_deterministic" if deterministic else ""))
+            + ("_deterministic" if deterministic else ""),
+            (cfg, dtype_name, causal, deterministic))
     def backward(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2):
-        _ = SALT  # noqa: F841
         h_kv = cuda.blockIdx.y
         b = cuda.blockIdx.z
         tid = cuda.threadIdx.x

@@ -60,7 +60,6 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     DTP = DT // DQ_PASSES  # dQ column n-tiles per pass
     CAUSAL = causal
     key_tiles = make_key_tile_schedule(deterministic, BN)
-    SALT = ops.SOURCE_SALT
     ZERO = np.float32(0.0)
     INF = np.float32(np.inf)
     LOG2E_32 = np.float32(LOG2E)
@@ -262,9 +261,9 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     U16 = from_dtype(np.uint16)
 
     @kernel(f"backward_mma_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}"
-            + ("_deterministic" if deterministic else ""), lineinfo=True)
+            + ("_deterministic" if deterministic else ""),
+            (cfg, dtype_name, causal, deterministic), lineinfo=True)
     def backward_mma(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2):
-        _ = SALT  # noqa: F841  (part of the cache key)
         h_kv = cuda.blockIdx.y
         b = cuda.blockIdx.z
         tid = cuda.threadIdx.x

@@ -10,6 +10,7 @@ import numpy as np
 from numba import cuda
 
 from .. import block_info, ops
+from .cache import keyed
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = 0.6931471805599453    # ln(2): converts a base-2 log-sum-exp back to natural log
@@ -21,18 +22,20 @@ def device(fn):
     return cuda.jit(device=True, **ops.jit_options(forceinline=True))(fn)
 
 
-def kernel(name, **options):
-    """``cuda.jit`` for a kernel (disk-cached), renamed ``name`` first.
+def kernel(name, key, **options):
+    """``cuda.jit`` for a kernel, renamed ``name`` and disk-cached under ``key``.
 
-    Numba's disk cache keeps one index file per function name, and processes that
-    compile two overloads of one name at once can overwrite each other's index
-    and data files, so that one configuration's binary is later served for another.
-    Each kernel configuration therefore gets its own name (which profilers show,
-    too), and ``_launch`` locks that name's index while compiling.
+    ``key`` holds every argument of the factory that builds the kernel (see
+    ``cache.keyed``). Numba's disk cache keeps one index file per function name,
+    and processes that compile two overloads of one name at once can overwrite
+    each other's index and data files, so that one configuration's binary is later
+    served for another. Each kernel configuration therefore gets its own name
+    (which profilers show, too), and ``_launch`` locks that name's index while
+    compiling.
     """
     def jit(fn):
         fn.__name__ = fn.__qualname__ = re.sub(r"\W", "_", name)
-        return cuda.jit(**ops.jit_options(cache=True, **options))(fn)
+        return keyed(cuda.jit(**ops.jit_options(cache=True, **options))(fn), key)
 
     return jit
 

@@ -115,7 +115,6 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     Q_IN_REGS = cfg.q_in_registers
     QF_STEPS = KS if Q_IN_REGS else 1      # k-steps of Q fragments held at once
     CAUSAL = causal
-    SALT = ops.SOURCE_SALT
     # Typed constants: a bare Python float is a float64 to Numba and drags the
     # softmax into double precision and conversions.
     ZERO = np.float32(0.0)
@@ -311,9 +310,8 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     U16 = from_dtype(np.uint16)
 
     @kernel(f"forward_mma_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}",
-            lineinfo=True)
+            (cfg, dtype_name, causal), lineinfo=True)
     def forward_mma(q, k, v, out, lse, scale_log2):
-        _ = SALT  # noqa: F841  (part of the cache key)
         m_block = cuda.blockIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z

@@ -6,9 +6,6 @@ cannot run intrinsics, they are plain-Python twins with the same names, signatur
 and results (``_sim.py``). Kernels only ever call ``ops.<name>``, so one kernel
 source runs in both places. The choice is made once, at import time.
 """
-import hashlib
-import pathlib
-
 from numba.cuda import config as _config
 
 SIMULATOR = bool(_config.ENABLE_CUDASIM)
@@ -26,17 +23,3 @@ def jit_options(**options):
     friends, so they are dropped there.
     """
     return {} if SIMULATOR else options
-
-
-def _source_salt():
-    # Numba's on-disk cache keys a kernel on its own file and closure values, not on
-    # the modules it imports. Kernels capture this salt so that editing any kernel
-    # building block (this package or nbflash/kernels/) invalidates cached binaries.
-    here = pathlib.Path(__file__).resolve().parent
-    h = hashlib.sha1()
-    for path in sorted(here.glob("*.py")) + sorted((here.parent / "kernels").glob("*.py")):
-        h.update(path.read_bytes())
-    return int(h.hexdigest()[:8], 16)
-
-
-SOURCE_SALT = _source_salt()

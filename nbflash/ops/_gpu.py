@@ -306,20 +306,3 @@ def st_shared_u32(typingctx, addr, value):
 
     return sig, codegen
 
-
-def _name_intrinsics():
-    """Gives every intrinsic here a fixed identity.
-
-    Numba keys a cached kernel on the pickled values its closure holds, and a
-    pickled intrinsic carries a uuid that is random per process unless set: a
-    kernel that closes over one (``mma = ops.mma_f16``) then missed the disk cache
-    in every new process and recompiled (tens of seconds). Names are unique within
-    a process, which is all the uuid (a deserialisation memo key) needs.
-    """
-    from numba.cuda.extending import _Intrinsic   # private numba-cuda API (0.30)
-    for name, obj in globals().items():
-        if isinstance(obj, _Intrinsic) and obj._Intrinsic__uuid is None:
-            obj._set_uuid(f"nbflash.ops._gpu.{name}")
-
-
-_name_intrinsics()
