@@ -112,11 +112,20 @@ def _safe_div(num, den):
 # --------------------------------------------------------------------------
 
 def _exact_scores(q, k, causal, scale):
-    """Scaled logits in float64, (B, H, Sq, Sk), -inf on masked entries."""
+    """Scaled logits in float64, (B, H, Sq, Sk), -inf on masked entries.
+
+    Products of float16/bfloat16/float32 inputs are exact in float64 and their sums
+    err by far less than those inputs' precision. float64 inputs are multiplied and
+    summed in extended precision (x86 long double, 64-bit significand) and rounded
+    once: a float64 dot product with cancellation (terms summing to 100, result
+    near 1) is otherwise off by tens of ulps, and an "exact" reference that rounds
+    like plain float64 attention makes the naive baseline look exact.
+    """
     nheads = q.shape[2]
-    q64 = _to_bhsd(np.asarray(q, dtype=np.float64))
-    k64 = _to_bhsd(_expand_kv(np.asarray(k, dtype=np.float64), nheads))
-    s = np.matmul(q64, np.swapaxes(k64, -1, -2)) * scale          # (B, H, Sq, Sk)
+    wide = np.longdouble if np.dtype(q.dtype) == np.float64 else np.float64
+    qw = _to_bhsd(np.asarray(q, dtype=wide))
+    kw = _to_bhsd(_expand_kv(np.asarray(k, dtype=wide), nheads))
+    s = (np.matmul(qw, np.swapaxes(kw, -1, -2)) * wide(scale)).astype(np.float64)
     mask = _mask(q.shape[1], k.shape[1], causal)
     if mask is not None:
         s = np.where(mask, s, -np.inf)

@@ -21,6 +21,14 @@ def _has_cuda_driver():
         return False
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One BLAS thread per pytest-xdist worker: 16 workers each starting 16 OpenBLAS
+    # threads made the GPU's long hypothesis run about 5x slower (the references are
+    # NumPy matrix products). Effective when NumPy is not loaded yet; the README's
+    # GPU command also sets these in the environment.
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
 if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _has_cuda_driver():
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")

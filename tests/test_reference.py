@@ -204,10 +204,26 @@ def test_exact_accepts_low_precision_inputs(dtype):
     assert out.dtype == np.float64 and lse.dtype == np.float64
     up = [x.astype(np.float64) for x in (q, k, v)]
     out64, lse64 = attention(*up, causal=True)
-    np.testing.assert_array_equal(out, out64)
-    np.testing.assert_array_equal(lse, lse64)
+    # float64 inputs take the extended-precision path, whose logits can differ in
+    # the last bit from the float64 sums of these exact products.
+    np.testing.assert_allclose(out, out64, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(lse, lse64, rtol=0, atol=1e-14)
     grads = attention_backward(do, q, k, v, causal=True)
     assert all(g.dtype == np.float64 for g in grads)
+
+
+def test_float64_logits_are_correctly_rounded():
+    """A float64 dot product whose terms cancel (found by the GPU's long hypothesis
+    run: 33 terms summing to 108 in size, logit 0.85) is exact to its last bit,
+    where a float64 BLAS sum was 4e-15 off and made naive attention look exact."""
+    from fractions import Fraction
+    rng = np.random.default_rng(11572802)
+    q = rng.standard_normal((1, 1, 1, 33)) * 3.0
+    k = rng.standard_normal((1, 1, 1, 33)) * 3.0
+    v = rng.standard_normal((1, 1, 1, 33))
+    _, lse = attention(q, k, v, softmax_scale=0.5)
+    true = sum(Fraction(a) * Fraction(b) for a, b in zip(q.ravel(), k.ravel())) / 2
+    assert lse.ravel()[0] == float(true)
 
 
 # --------------------------------------------------------------------------
