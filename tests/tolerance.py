@@ -11,7 +11,8 @@ atol covers two things the naive baseline does not.
    float64 for float64 inputs), and the softmax amplifies a relative error e of a
    logit x into an absolute error e |x| of its exponent:
    4 * eps(accumulator) * sqrt(n) * max(1, max |logit|) * max(1, M),
-   with n the longest reduction behind the output, logit = scale * q.k, and M the
+   with n the longest reduction behind the output, |logit| the larger of
+   |scale * q.k| and the root-sum-square of its terms (``max_abs_logit``), and M the
    size of what is summed: max |exact| for the forward's outputs; for gradients the
    largest sum of absolute terms (``reference.attention_backward_magnitudes``), since
    dS = P (dP - Delta) cancels (exactly, with a single key) and a gradient of 0 still
@@ -41,7 +42,14 @@ def to_numpy64(x):
 
 
 def max_abs_logit(q, k, softmax_scale):
-    """max |softmax_scale * q_i . k_j| over all (query, key) pairs of each kv group."""
+    """The size of the logits' rounding, over all (query, key) pairs of each kv group:
+    max of |softmax_scale * q_i . k_j| and of the root-sum-square of its terms,
+    softmax_scale * sqrt(sum_d (q_id k_jd)^2).
+
+    A dot product summed in another order errs by about sqrt(d) roundings of its
+    partial sums, and partial sums are as large as the root-sum-square of the terms
+    even when the terms cancel and the logit itself is small (the H100's long run
+    found a float32 logit of 80 terms of size ~9 that cancelled to below 1)."""
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     if q.size == 0 or k.size == 0:
@@ -51,7 +59,9 @@ def max_abs_logit(q, k, softmax_scale):
     hk = k.shape[2]
     qg = q.reshape(b, sq, hk, h // hk, d).transpose(0, 2, 1, 3, 4).reshape(b, hk, -1, d)
     kg = k.transpose(0, 2, 3, 1)                                   # (b, hk, d, sk)
-    return float(scale * np.abs(np.matmul(qg, kg)).max())
+    logit = np.abs(np.matmul(qg, kg)).max()
+    rss = np.sqrt(np.matmul(qg * qg, kg * kg).max())
+    return float(scale * max(logit, rss))
 
 
 def dtype_floor(dtype_name, exact):
