@@ -196,9 +196,14 @@ def main(argv=None):
                         (tool, name, f"sanitizer {kind}: {text}"))
             if info["cases"] == 0:
                 failures.append((tool, "-", f"no case ran (exit {job['rc']}; see {job['log']})"))
-            if job["rc"] != 0 or info["total_errors"] is None:
-                bad = True
-        bad = bad or agg["failed"] or agg["crashed"] or agg["errors"]
+            if info["total_errors"] is None and info["race_errors"] is not None:
+                # racecheck may end with its own summary line instead of ERROR SUMMARY.
+                agg["errors"] += info["race_errors"]
+            elif info["total_errors"] is None:
+                failures.append((tool, "-", f"no sanitizer summary in {job['log']}"))
+            if job["rc"] != 0:
+                failures.append((tool, "-", f"exit {job['rc']} (see {job['log']})"))
+        bad = bad or bool(agg["failed"] or agg["crashed"] or agg["errors"])
         rows.append((tool, agg))
 
     print(f"\n{'tool':<11}{'cases':>7}{'failed':>8}{'no result':>11}{'san. errors':>13}"
