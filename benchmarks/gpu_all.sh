@@ -28,7 +28,7 @@ step() {  # step NAME SECONDS COMMAND...
 main() {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv
   # The same steps ran on an H100 on 2026-11-24 (dd4f60e) as separate device calls:
-  # precompile 92-116 s (16 CPU cores), speed over the full grid 111 s (float16) +
+  # precompile 72-116 s (16 CPU cores), speed over the full grid 111 s (float16) +
   # 76 s (bfloat16), resources 3 s, memory 8 s, io 127 s (compiling its tile
   # variants) + 19 s, animate 9 s. The limits add up to 9 min 40 s.
   step "precompile" 140 $PY -m nbflash.precompile --dtypes float16 bfloat16 --head-dims 64 128
