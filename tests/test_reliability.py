@@ -890,15 +890,21 @@ def test_first_calls_from_threads_compile_each_kernel_once(tmp_path, capsys):
     """A fresh process (empty Numba disk cache) whose first nbflash calls come from
     8 threads at once, 4 per configuration: each kernel is built once, every thread
     gets right results (tests/gpu/first_call_threads.py)."""
+    _run_gpu_script("first_call_threads.py", tmp_path, capsys, "first calls from threads", 600)
+
+
+def _run_gpu_script(script, tmp_path, capsys, label, timeout):
+    """Runs tests/gpu/``script`` in a fresh process with an empty Numba disk cache and
+    checks the JSON line it prints last: exit status 0 and ``"ok": true``."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                            os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/gpu/first_call_threads.py")],
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/gpu" / script)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     assert lines, f"no result (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
     result = json.loads(lines[-1])
-    _report(capsys, f"first calls from threads: {result}")
+    _report(capsys, f"{label}: {result}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert result["ok"], result
 
@@ -908,17 +914,8 @@ def test_processes_on_a_cold_disk_cache(tmp_path, capsys):
     """6 processes compile 3 kernel configurations (each twice) into one empty disk
     cache at the same moment; a fresh process then loads every one of them from the
     cache and gets accurate results (tests/gpu/cold_cache_processes.py)."""
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
-               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
-                                           os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/gpu/cold_cache_processes.py")],
-                          env=env, capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert lines, f"no result (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    result = json.loads(lines[-1])
-    _report(capsys, f"processes on a cold disk cache: {result}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert result["ok"], result
+    _run_gpu_script("cold_cache_processes.py", tmp_path, capsys,
+                    "processes on a cold disk cache", 900)
 
 
 # ------------------------------------------------------------------ 6. resource hygiene

@@ -14,6 +14,7 @@ and incomplete:
 A kernel here is determined by its factory's arguments (tile configuration,
 dtype, flags) and by the source of the modules it is built from; that is its key.
 """
+import functools
 import hashlib
 import pathlib
 
@@ -52,29 +53,26 @@ def keyed(dispatcher, key):
     if not isinstance(getattr(dispatcher, "_cache", None), CUDACache):
         return dispatcher
     code = hashlib.sha256(dispatcher.py_func.__code__.co_code).hexdigest()
-    dispatcher._cache = _keyed_cache_class(CUDACache)(
-        dispatcher.py_func, (repr(key), code, SOURCE_HASH))
+    dispatcher._cache = _keyed_cache_class()(dispatcher.py_func, (repr(key), code, SOURCE_HASH))
     return dispatcher
 
 
-_classes = {}
-
-
-def _keyed_cache_class(base):
+@functools.cache
+def _keyed_cache_class():
     """A subclass of numba-cuda's ``CUDACache`` (private API, 0.30) with our key."""
-    if base not in _classes:
-        class KeyedCache(base):
-            def __init__(self, py_func, key):
-                super().__init__(py_func)
-                self._nbflash_key = key
+    from numba.cuda.dispatcher import CUDACache
 
-            def _index_key(self, sig, codegen):
-                import numba_cuda
-                key = (sig, codegen.magic_tuple(), numba_cuda.__version__, self._nbflash_key)
-                launch_config = getattr(self, "_launch_config_key", None)
-                if launch_config is not None:
-                    key += (("launch_config", launch_config),)
-                return key
+    class KeyedCache(CUDACache):
+        def __init__(self, py_func, key):
+            super().__init__(py_func)
+            self._nbflash_key = key
 
-        _classes[base] = KeyedCache
-    return _classes[base]
+        def _index_key(self, sig, codegen):
+            import numba_cuda
+            key = (sig, codegen.magic_tuple(), numba_cuda.__version__, self._nbflash_key)
+            launch_config = getattr(self, "_launch_config_key", None)
+            if launch_config is not None:
+                key += (("launch_config", launch_config),)
+            return key
+
+    return KeyedCache

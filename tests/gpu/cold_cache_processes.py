@@ -45,16 +45,13 @@ def check():
     import numpy as np
 
     import nbflash
-    from first_call_threads import accuracy_problems
+    from first_call_threads import accuracy_problems, random_inputs
     from nbflash import _launch
-    from strategies import DTYPES
 
     rng = np.random.default_rng(1)
     problems = []
-    for dtype_name, (b, sq, sk, h, hk, d), causal in CONFIGS:
-        dt = DTYPES[dtype_name]
-        host = [rng.standard_normal(s).astype(dt) for s in
-                ((b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d))]
+    for dtype_name, shape, causal in CONFIGS:
+        host = random_inputs(rng, dtype_name, shape)
         q, k, v, do = (cupy.asarray(x) for x in host)
         out, lse = nbflash.attention(q, k, v, causal=causal, return_lse=True)
         grads = nbflash.attention_backward(do, q, k, v, out, lse, causal=causal)

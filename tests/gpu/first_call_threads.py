@@ -26,7 +26,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import cupy  # noqa: E402
 import numpy as np  # noqa: E402
 
-from strategies import DTYPES  # noqa: E402
 
 N_THREADS = 8
 CONFIGS = [  # dtype, (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim), causal
@@ -65,10 +64,8 @@ def main():
 
     rng = np.random.default_rng(0)
     inputs = []
-    for dtype_name, (b, sq, sk, h, hk, d), causal in CONFIGS:
-        dt = DTYPES[dtype_name]
-        host = [rng.standard_normal(s).astype(dt) for s in
-                ((b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d))]
+    for dtype_name, shape, causal in CONFIGS:
+        host = random_inputs(rng, dtype_name, shape)
         inputs.append((host, [cupy.asarray(x) for x in host], causal, dtype_name))
     cupy.cuda.Device().synchronize()
 
@@ -120,6 +117,15 @@ def main():
               "total_s": round(time.perf_counter() - t_start, 2)}
     print(json.dumps(result), flush=True)
     return 0 if not problems else 1
+
+
+def random_inputs(rng, dtype_name, shape):
+    """Host q, k, v, dout for ``shape`` = (batch, seqlen_q, seqlen_k, nheads, nheads_k,
+    headdim), standard normal, in ``dtype_name``."""
+    from strategies import DTYPES
+    b, sq, sk, h, hk, d = shape
+    return [rng.standard_normal(s).astype(DTYPES[dtype_name]) for s in
+            ((b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d), (b, sq, h, d))]
 
 
 def accuracy_problems(host, got, causal, dtype_name):
