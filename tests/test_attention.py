@@ -109,22 +109,17 @@ def test_backward_regressions(poison, dtype_name, case):
 
 
 #: One query, 148 keys, head dim 1 (found by the gpu-long run on the H100, 2026-11-24):
-#: dq = scale * sum_j dS_j k_j has a single element. The tensor-core backward rounds P
-#: to 16 bits before forming dS = P (dP - Delta), a rounding FlashAttention-2 does not
-#: make (it forms dS from the float32 P): emulated in NumPy, that rounding gives
-#: exactly nbflash's dq, 1.4e-4 off (2.3 units in the last place) where float32 P
-#: gives 2e-5, and naive float16 attention 6e-5. A known accuracy bug of the float16
-#: backward, kept strict until the kernel forms dS from float32 P (bfloat16's coarser
-#: baseline hides it here).
+#: dq = scale * sum_j dS_j k_j has a single element. The tensor-core backward then
+#: rounded P to 16 bits before forming dS = P (dP - Delta), a rounding
+#: FlashAttention-2 does not make: emulated in NumPy, it gave exactly nbflash's dq,
+#: 1.4e-4 off (2.3 units in the last place) where float32 P gives 2e-5 and naive
+#: float16 attention 6e-5. dS is now formed from the float32 P.
 P_ROUNDING_CASE = Case(batch=1, seqlen_q=1, seqlen_k=148, nheads_k=1, group=1, head_dim=1,
                        causal=False, softmax_scale=None, layout="contiguous", input_scale=1.0,
                        seed=2)
 
 
-@pytest.mark.parametrize("dtype_name", [
-    pytest.param("float16", marks=pytest.mark.xfail(
-        strict=True, reason="dS is formed from 16-bit P (see P_ROUNDING_CASE)")),
-    "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
 def test_backward_p_rounding_regression(poison, dtype_name):
     _check_backward(dtype_name, P_ROUNDING_CASE)
 

@@ -15,8 +15,10 @@ For every query head of the GQA group and every query tile i that sees the keys:
                                            sums all keys for 16 query rows, float32
                                            atomics into the dQ accumulator)
 
-with c = softmax_scale * log2(e). softmax_scale is applied to dS before it is rounded
-to 16 bits for the dK and dQ products: dP alone can exceed the float16 range when the
+with c = softmax_scale * log2(e). P^T and dP^T are both float32 when dS^T is formed,
+as in FlashAttention-2; P^T is rounded to 16 bits only as the A operand of dV's product.
+softmax_scale is applied to dS before it is rounded to 16 bits for the dK and dQ
+products: dP alone can exceed the float16 range when the
 values are large (|dP| ~ |dO| |V| sqrt(d)), while scale * dS is the gradient of the
 logits, bounded by the outputs' size. Q_{i+1} and dO_{i+1} are copied with cp.async while
 tile i's dQ is computed. Query rows past seqlen_q and rows that see no key
@@ -48,6 +50,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     ``cfg.backward_shared_bytes`` bytes of dynamic shared memory.
     """
     BM, BN, D, NT = cfg.block_m, cfg.block_n, cfg.head_dim, cfg.threads
+    NW = cfg.warps
     assert BN == 16 * cfg.warps, cfg
     assert BM % 16 == 0 and BM <= 16 * cfg.warps, cfg   # dQ: one warp per 16 query rows
     KS = D // 16          # k-steps over the head dim
@@ -55,9 +58,11 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     KQ = BM // 16         # k-steps of 16 over the queries
     DT = D // 8           # 8-column n-tiles of dK, dV, dQ
     KK = BN // 16         # k-steps of 16 over the keys (dQ = dS K)
-    DQ_WARPS = BM // 16   # warps that compute dQ, 16 query rows each
     DQ_PASSES = 2 if D >= 128 else 1
     DTP = DT // DQ_PASSES  # dQ column n-tiles per pass
+    # dQ's work units: 16 query rows by one pass's columns, dealt round-robin to the
+    # warps (BM = 32 at head dim 128: four units, one per warp).
+    DQ_UNITS = (BM // 16) * DQ_PASSES
     CAUSAL = causal
     key_tiles = make_key_tile_schedule(deterministic, BN)
     ZERO = np.float32(0.0)
@@ -74,7 +79,6 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     assert OFF_ROWS * 2 + 2 * BM * 4 == cfg.backward_shared_bytes
 
     make_loader, make_offset, mma, pack = make_mma_tile_ops(cfg, dtype_name)
-    unpack = ops.unpack_f16x2 if dtype_name == "float16" else ops.unpack_bf16x2
     load_kv = make_loader(BN)
     load_q = make_loader(BM)
     kv_offset = make_offset(BN)
@@ -97,11 +101,10 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
             rows_f32[r] = x
             rows_f32[BM + r] = dl
 
-    def keys_by_queries(step, acc, a_off, b_off, smem_base, warp, lane):
+    def keys_by_queries(kk, nq2, acc, slot, a_off, b_off, smem_base, warp, lane):
         """One 16-dim by 16-query step of acc = A B^T for this warp's 16 keys, with A a
-        key tile (K or V) and B a query tile (Q or dO) in shared memory."""
-        kk = step // (NQ // 2)
-        nq2 = step - kk * (NQ // 2)
+        key tile (K or V) and B a query tile (Q or dO) in shared memory: query n-tiles
+        2 nq2 and 2 nq2 + 1 go to acc[slot] and acc[slot + 1]."""
         mat = lane >> 3
         r8 = lane & 7
         a = ops.ldmatrix_x4(smem_base + 2 * (a_off + kv_offset(
@@ -109,13 +112,55 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
         bq = ops.ldmatrix_x4(smem_base + 2 * (b_off + q_offset(
             nq2 * 16 + (mat >> 1) * 8 + r8, kk * 16 + (mat & 1) * 8)))
         for half in range(2):
-            nq = 2 * nq2 + half
             c = mma(a[0], a[1], a[2], a[3], bq[2 * half], bq[2 * half + 1],
-                    acc[nq, 0], acc[nq, 1], acc[nq, 2], acc[nq, 3])
+                    acc[slot + half, 0], acc[slot + half, 1], acc[slot + half, 2],
+                    acc[slot + half, 3])
             for i in range(4):
-                acc[nq, i] = c[i]
+                acc[slot + half, i] = c[i]
 
-    kq_steps = static_loop(KS * NQ // 2, device(keys_by_queries))
+    keys_by_queries_d = device(keys_by_queries)
+
+    def st_step(step, st, smem_base, warp, lane):
+        kk = step // (NQ // 2)
+        nq2 = step - kk * (NQ // 2)
+        keys_by_queries_d(kk, nq2, st, 2 * nq2, OFF_K, OFF_Q, smem_base, warp, lane)
+
+    st_steps = static_loop(KS * NQ // 2, device(st_step))       # S^T = K Q^T
+
+    def dpt_step(kk, acc, nq2, smem_base, warp, lane):
+        keys_by_queries_d(kk, nq2, acc, 0, OFF_V, OFF_DO, smem_base, warp, lane)
+
+    dpt_steps = static_loop(KS, device(dpt_step))
+
+    def ds_step(nq2, frag, pt, rows_f32, scale, smem_base, warp, lane):
+        """dS^T = scale P^T (dP^T - Delta) for queries [16 nq2, 16 nq2 + 16), packed into
+        frag[nq2] as the A-fragment of dK's product.
+
+        dP^T is computed here 16 queries at a time, so that only 8 of its accumulators
+        are live beside P^T's. P^T is taken in float32, as FlashAttention-2 does: P
+        rounded to 16 bits (as dV's product takes it) would add its rounding to dS's
+        and double dQ's error."""
+        t = lane & 3
+        dpt = cuda.local.array((2, 4), np.float32)
+        for half in range(2):
+            for i in range(4):
+                dpt[half, i] = ZERO
+        dpt_steps(dpt, nq2, smem_base, warp, lane)
+        ds = cuda.local.array((2, 4), np.float32)
+        for half in range(2):
+            nq = 2 * nq2 + half
+            delta0 = rows_f32[BM + nq * 8 + 2 * t]
+            delta1 = rows_f32[BM + nq * 8 + 2 * t + 1]
+            for rh in range(2):
+                ds[half, 2 * rh] = (pt[nq, 2 * rh] * scale) * (dpt[half, 2 * rh] - delta0)
+                ds[half, 2 * rh + 1] = ((pt[nq, 2 * rh + 1] * scale)
+                                        * (dpt[half, 2 * rh + 1] - delta1))
+        frag[nq2, 0] = pack(ds[0, 0], ds[0, 1])
+        frag[nq2, 1] = pack(ds[0, 2], ds[0, 3])
+        frag[nq2, 2] = pack(ds[1, 0], ds[1, 1])
+        frag[nq2, 3] = pack(ds[1, 2], ds[1, 3])
+
+    ds_steps = static_loop(KQ, device(ds_step))
 
     def probabilities(st, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale_log2, warp,
                       lane):
@@ -159,22 +204,6 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
 
     pack_steps = static_loop(KQ, device(pack_step))
 
-    def ds_step(kq, frag, dpt, rows_f32, scale, lane):
-        """frag[kq] holds P^T as 16-bit pairs; replaces it by dS^T = scale P^T (dP^T -
-        Delta), packed alike. P is taken at 16 bits, as dV = P^T dO used it: that is
-        within the rounding dS gets anyway, and it lets S^T's registers hold dP^T."""
-        t = lane & 3
-        for half in range(2):
-            nq = 2 * kq + half
-            delta0 = rows_f32[BM + nq * 8 + 2 * t]
-            delta1 = rows_f32[BM + nq * 8 + 2 * t + 1]
-            for rh in range(2):
-                p0, p1 = unpack(frag[kq, 2 * half + rh])
-                frag[kq, 2 * half + rh] = pack((p0 * scale) * (dpt[nq, 2 * rh] - delta0),
-                                               (p1 * scale) * (dpt[nq, 2 * rh + 1] - delta1))
-
-    ds_steps = static_loop(KQ, device(ds_step))
-
     def store_ds(step, frag, smem_base, warp, lane):
         """dS^T (already packed to 16 bits) into shared memory, rows = keys."""
         g = lane >> 2
@@ -195,14 +224,14 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
         registers down."""
         COL0 = pass_index * DTP * 8
 
-        def dq_step(step, acc, smem_base, warp, lane):
+        def dq_step(step, acc, smem_base, rows, lane):
             kk = step // (DTP // 2)
             dt2 = step - kk * (DTP // 2)
             mat = lane >> 3
             r8 = lane & 7
             # A = dS (queries x keys) is the transpose of the stored dS^T: ldmatrix.trans.
             a = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_DS + ds_offset(
-                kk * 16 + (mat >> 1) * 8 + r8, warp * 16 + (mat & 1) * 8)))
+                kk * 16 + (mat >> 1) * 8 + r8, rows * 16 + (mat & 1) * 8)))
             kb = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_K + kv_offset(
                 kk * 16 + (mat & 1) * 8 + r8, COL0 + dt2 * 16 + (mat >> 1) * 8)))
             for half in range(2):
@@ -214,15 +243,15 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
 
         steps = static_loop(KK * DTP // 2, device(dq_step))
 
-        def dq_pass(dq, dq_accum, smem_base, b, h, m0, seqlen_q, warp, lane):
+        def dq_pass(dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane):
             g = lane >> 2
             t = lane & 3
             for dt in range(DTP):
                 for i in range(4):
                     dq[dt, i] = ZERO
-            steps(dq, smem_base, warp, lane)
+            steps(dq, smem_base, rows, lane)
             for half in range(2):
-                row = m0 + warp * 16 + g + 8 * half
+                row = m0 + rows * 16 + g + 8 * half
                 if row < seqlen_q:
                     for dt in range(DTP):
                         for j in range(2):
@@ -285,7 +314,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
 
         dk_acc = cuda.local.array((DT, 4), np.float32)
         dv_acc = cuda.local.array((DT, 4), np.float32)
-        acc = cuda.local.array((NQ, 4), np.float32)
+        pt = cuda.local.array((NQ, 4), np.float32)
         frag = cuda.local.array((KQ, 4), np.uint32)
         dq = cuda.local.array((DTP, 4), np.float32)
         for n_block in range(split, stop, step):
@@ -316,17 +345,16 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
                 ops.cp_async_wait(0)
                 cuda.syncthreads()         # Q_i, dO_i, lse_i, Delta_i have landed
 
-                # One (NQ, 4) accumulator holds S^T, then P^T, then dP^T.
-                zero_acc(acc)
-                kq_steps(acc, OFF_K, OFF_Q, smem_base, warp, lane)    # S^T = K Q^T
+                # pt holds S^T, then P^T in float32; frag the 16-bit A-fragments of
+                # P^T, then of dS^T.
+                zero_acc(pt)
+                st_steps(pt, smem_base, warp, lane)                   # S^T = K Q^T
                 masked = tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
-                probabilities_d(acc, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale_log2,
+                probabilities_d(pt, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale_log2,
                                 warp, lane)
-                pack_steps(frag, acc)
+                pack_steps(frag, pt)
                 grad_steps(dv_acc, frag, OFF_DO, smem_base, lane)     # dV += P^T dO
-                zero_acc(acc)
-                kq_steps(acc, OFF_V, OFF_DO, smem_base, warp, lane)   # dP^T = V dO^T
-                ds_steps(frag, acc, rows_f32, scale, lane)            # dS^T, 16-bit
+                ds_steps(frag, pt, rows_f32, scale, smem_base, warp, lane)  # dP^T, dS^T
                 grad_steps(dk_acc, frag, OFF_Q, smem_base, lane)      # dK += dS^T Q
                 store_ds_steps(frag, smem_base, warp, lane)
                 cuda.syncthreads()         # dS^T is visible; Q_i, dO_i, lse_i are free
@@ -340,10 +368,12 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
                     load_rows_d(rows_f32, lse, delta, b, h_next, m_next, seqlen_q, tid)
 
                 # dQ_i += dS K_j: warp w sums all BN keys for 16 query rows.
-                if warp < DQ_WARPS:
-                    dq_first(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, warp, lane)
-                    if DQ_PASSES == 2:
-                        dq_second(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, warp, lane)
+                for unit in range(warp, DQ_UNITS, NW):
+                    rows = unit // DQ_PASSES
+                    if unit % DQ_PASSES == 0:
+                        dq_first(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, rows, lane)
+                    else:
+                        dq_second(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, rows, lane)
 
             # ---- Epilogue: dK_j, dV_j are complete; written once
             ops.cp_async_wait(0)
