@@ -139,6 +139,18 @@ class MmaConfig:
         if self.forward_shared_bytes > MAX_SHARED_BYTES:
             raise ValueError(f"{self} needs {self.forward_shared_bytes} bytes of shared memory")
 
+    def check_backward(self):
+        """The backward's shape: 16 keys per warp, query tiles of whole 16-row blocks."""
+        chunks = self.head_dim // 8
+        if self.block_n != 16 * self.warps or self.block_m % 16 or self.head_dim % 16:
+            raise ValueError(f"the backward needs block_n = 16 * warps and block_m a "
+                             f"multiple of 16 in {self}")
+        for rows in (self.block_m, self.block_n):
+            if (rows * chunks) % self.threads:
+                raise ValueError(f"{rows}-row tiles do not split evenly over threads in {self}")
+        if self.backward_shared_bytes > MAX_SHARED_BYTES:
+            raise ValueError(f"{self} needs {self.backward_shared_bytes} bytes of shared memory")
+
 
 #: Tensor-core forward tiles per head-dim bucket (float16 and bfloat16). 128 query rows
 #: over 4 warps give each warp two 16-row m-tiles: every K/V fragment loaded from
@@ -158,10 +170,15 @@ FORWARD_MMA_TILES_CAUSAL = {
     64: MmaConfig(128, 64, 64, 4, q_in_registers=False),
 }
 #: Tensor-core backward tiles: block_n = 16 keys per warp, block_m queries per tile.
+#: 128 keys over 8 warps halve the dQ atomics per flop against 64 over 4. Measured on
+#: the H100 (fp16, seqlen 4096, hidden 2048, backward alone; .gpu/dev_bwd.py, see
+#: benchmarks/NOTES.md), TFLOP/s full / causal: d64 64x64x4w 109 / 79, 64x128x8w
+#: 113 / 82; d128 64x64x4w 104 / 79, 64x128x8w 116 / 83. Head dims 32 and 256 were
+#: not re-measured.
 BACKWARD_MMA_TILES = {
     32: MmaConfig(64, 64, 32, 4),
-    64: MmaConfig(64, 64, 64, 4),
-    128: MmaConfig(64, 64, 128, 4),
+    64: MmaConfig(64, 128, 64, 8),
+    128: MmaConfig(64, 128, 128, 8),
     256: MmaConfig(32, 32, 256, 2),
 }
 #: Under the simulator: one warp, so each warp-collective costs one exchange.

@@ -353,7 +353,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     mma = name in config.MMA_DTYPES
     if mma:
         cfg = config.select_backward_mma(head_dim, ops.SIMULATOR)
-        cfg.check()
+        cfg.check_backward()
         nbytes = cfg.backward_shared_bytes
     else:
         cfg = config.select_backward(name, head_dim, ops.SIMULATOR)
@@ -361,7 +361,9 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     n_blocks = _cdiv(seqlen_k, cfg.block_n)
     splits = _deterministic_splits(n_blocks, batch * nheads_k) if deterministic else 1
     delta = _empty((batch, nheads, seqlen_q), acc)
-    dq_accum = _empty((splits * batch,) + q.shape[1:], acc)
+    # The tensor-core kernel adds dQ two columns at a time: pad its head dim to 8.
+    acc_dim = -(-head_dim // 8) * 8 if mma else head_dim
+    dq_accum = _empty((splits * batch,) + q.shape[1:3] + (acc_dim,), acc)
     rows_grid = (_cdiv(seqlen_q, ROW_THREADS), nheads, batch)
 
     pre = get_kernel(("preprocess", name), lambda: build_preprocess(name),

@@ -124,3 +124,27 @@ def test_smem_view2d_and_bit_casts():
     assert list(get(out)[4:]) == [float(i) for i in range(15)]
     assert int(get(bits)[0]) == int(np.float32(1.5).view(np.uint32))
     assert float(get(back)[0]) == float(np.uint32(0x40490FDB).view(np.float32))
+
+
+def test_red_add_f32x2_sums_pairs_from_every_thread():
+    """64 threads add pairs into 4 slots of a (1, 4, 1, 8) array, 16 threads per slot:
+    every contribution must arrive (an atomic sum), each pair in its own two columns."""
+    @cuda.jit
+    def kernel(acc, values):
+        i = cuda.threadIdx.x
+        row = i % 4
+        col = 2 * ((i // 4) % 4)
+        ops.red_add_f32x2(ops.global_addr(acc, 0, row, 0, col), values[i, 0], values[i, 1])
+
+    rng = np.random.default_rng(3)
+    # Small integers: every order of the float32 sums is exact.
+    values = rng.integers(-50, 50, size=(64, 2)).astype(np.float32)
+    start = rng.integers(-50, 50, size=(1, 4, 1, 8)).astype(np.float32)
+    expected = start.copy()
+    acc = xp.asarray(start)          # under the simulator, start itself
+    kernel[1, 64](acc, xp.asarray(values))
+    for i in range(64):
+        row, col = i % 4, 2 * ((i // 4) % 4)
+        expected[0, row, 0, col:col + 2] += values[i]
+    get = (lambda x: x.get()) if hasattr(acc, "get") else np.asarray
+    np.testing.assert_array_equal(get(acc), expected)

@@ -12,8 +12,9 @@ For every query head of the GQA group and every query tile i that sees the keys:
     dV_j += P^T dO_i                      (P^T's accumulators are an A-fragment)
     dK_j += dS^T Q_i
     dQ_i += dS K_j                        (dS^T goes through shared memory, each warp
-                                           sums all keys for 16 query rows, float32
-                                           atomics into the dQ accumulator)
+                                           sums all keys for 16 query rows and some
+                                           columns, float32 atomic adds of column
+                                           pairs into the dQ accumulator)
 
 with c = softmax_scale * log2(e). P^T and dP^T are both float32 when dS^T is formed,
 as in FlashAttention-2; P^T is rounded to 16 bits only as the A operand of dV's product.
@@ -44,7 +45,8 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
 
     q, k, v, dout are uint16 views; dk, dv in their storage type; lse, delta float32
     (batch, nheads, seqlen_q); dq_accum float32 like q, or (splits * batch, ...) for
-    the deterministic mode (grid x = splits, see kernels/backward.py). ``cfg.block_m`` is the query
+    the deterministic mode (grid x = splits, see kernels/backward.py), its head dim
+    rounded up to a multiple of 8. ``cfg.block_m`` is the query
     tile, ``cfg.block_n`` the key tile (16 keys per warp). Launch with grid
     ``(ceil(seqlen_k / block_n), nheads_k, batch)``, ``cfg.threads`` threads and
     ``cfg.backward_shared_bytes`` bytes of dynamic shared memory.
@@ -58,7 +60,9 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     KQ = BM // 16         # k-steps of 16 over the queries
     DT = D // 8           # 8-column n-tiles of dK, dV, dQ
     KK = BN // 16         # k-steps of 16 over the keys (dQ = dS K)
-    DQ_PASSES = 2 if D >= 128 else 1
+    # Two column passes at large head dims keep dQ's accumulator small; with more
+    # warps than 16-row blocks they give the spare warps work.
+    DQ_PASSES = 2 if D >= 128 or BM // 16 < NW else 1
     DTP = DT // DQ_PASSES  # dQ column n-tiles per pass
     # dQ's work units: 16 query rows by one pass's columns, dealt round-robin to the
     # warps (BM = 32 at head dim 128: four units, one per warp).
@@ -219,7 +223,9 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
 
     def make_dq_pass(pass_index):
         """dQ_i += dS K_j (dS is already scaled) for this warp's 16 query rows and the
-        pass's DTP column n-tiles, added into the float32 accumulator with atomics.
+        pass's DTP column n-tiles, added into the float32 accumulator with atomics, two
+        columns per reduction: the L2's atomic units were the backward's bottleneck
+        (79% busy with scalar atomics, ncu on the H100).
         Large head dims take the columns in two passes to keep the dQ accumulator's
         registers down."""
         COL0 = pass_index * DTP * 8
@@ -253,12 +259,15 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
             for half in range(2):
                 row = m0 + rows * 16 + g + 8 * half
                 if row < seqlen_q:
+                    # One address per row; each pair's offset is a constant plus 8 t.
+                    # dq_accum's head dim is a multiple of 8, so a pair is inside whole
+                    # or not at all, and 8-byte aligned.
+                    base = ops.global_addr(dq_accum, b, row, h, 0) + np.uint64(8 * t)
                     for dt in range(DTP):
-                        for j in range(2):
-                            col = COL0 + dt * 8 + 2 * t + j
-                            if col < dq_accum.shape[3]:   # q's head dim may be padded
-                                cuda.atomic.add(dq_accum, (b, row, h, col),
-                                                dq[dt, 2 * half + j])
+                        col = COL0 + dt * 8 + 2 * t
+                        if col < dq_accum.shape[3]:
+                            ops.red_add_f32x2(base + np.uint64(4 * (COL0 + dt * 8)),
+                                              dq[dt, 2 * half], dq[dt, 2 * half + 1])
 
         return device(dq_pass)
 

@@ -23,7 +23,7 @@ from numba.cuda.np.arrayobj import make_array, populate_array
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
            "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
-           "shfl_xor", "st_shared_u32"]
+           "shfl_xor", "st_shared_u32", "red_add_f32x2"]
 
 _i32 = ir.IntType(32)
 _i64 = ir.IntType(64)
@@ -306,3 +306,18 @@ def st_shared_u32(typingctx, addr, value):
 
     return sig, codegen
 
+
+
+@intrinsic
+def red_add_f32x2(typingctx, addr, lo, hi):
+    """Atomically adds (lo, hi) to the two float32 at the 8-byte aligned global
+    address ``addr`` (sm_90, PTX ISA 8.1): one reduction per sector where two scalar
+    atomics would each take one."""
+    sig = types.void(types.uint64, types.float32, types.float32)
+
+    def codegen(context, builder, sig, args):
+        _asm(builder, ir.VoidType(), list(args), "red.global.add.v2.f32 [$0], {$1, $2};",
+             "l,f,f", side_effect=True)
+        return context.get_dummy_value()
+
+    return sig, codegen

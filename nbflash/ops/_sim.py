@@ -18,7 +18,7 @@ import numpy as np
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
            "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
-           "shfl_xor", "st_shared_u32"]
+           "shfl_xor", "st_shared_u32", "red_add_f32x2"]
 
 
 def smem_view2d(arr, offset, rows, cols):
@@ -64,6 +64,18 @@ def cp_async_16(dst, src, src_bytes):
 
 def st_shared_u32(addr, value):
     ctypes.c_uint32.from_address(int(addr)).value = int(value)
+
+
+_red_lock = threading.Lock()
+
+
+def red_add_f32x2(addr, lo, hi):
+    addr = int(addr)
+    assert addr % 8 == 0, "red.global.add.v2.f32 needs an 8-byte aligned address"
+    with _red_lock:
+        for i, x in enumerate((lo, hi)):
+            cell = ctypes.c_float.from_address(addr + 4 * i)
+            cell.value = np.float32(cell.value) + np.float32(x)
 
 
 def cp_async_commit():
