@@ -130,26 +130,26 @@ class MmaConfig:
                 + self.block_n * self.block_m * 2 + 2 * self.block_m * 4)
 
     def check(self):
-        chunks = self.head_dim // 8
+        """The forward's shape: each warp owns whole 16-row m-tiles of the query tile."""
         if self.block_m % (16 * self.warps) or self.block_n % 16 or self.head_dim % 16:
             raise ValueError(f"tiles must be multiples of 16 rows per warp in {self}")
-        for rows in (self.block_m, self.block_n):
-            if (rows * chunks) % self.threads:
-                raise ValueError(f"{rows}-row tiles do not split evenly over threads in {self}")
-        if self.forward_shared_bytes > MAX_SHARED_BYTES:
-            raise ValueError(f"{self} needs {self.forward_shared_bytes} bytes of shared memory")
+        self._check_copies_and_shared(self.forward_shared_bytes)
 
     def check_backward(self):
         """The backward's shape: 16 keys per warp, query tiles of whole 16-row blocks."""
-        chunks = self.head_dim // 8
         if self.block_n != 16 * self.warps or self.block_m % 16 or self.head_dim % 16:
             raise ValueError(f"the backward needs block_n = 16 * warps and block_m a "
                              f"multiple of 16 in {self}")
+        self._check_copies_and_shared(self.backward_shared_bytes)
+
+    def _check_copies_and_shared(self, shared_bytes):
+        """Tiles' 16-byte chunks split evenly over the threads, and shared memory fits."""
+        chunks = self.head_dim // 8
         for rows in (self.block_m, self.block_n):
             if (rows * chunks) % self.threads:
                 raise ValueError(f"{rows}-row tiles do not split evenly over threads in {self}")
-        if self.backward_shared_bytes > MAX_SHARED_BYTES:
-            raise ValueError(f"{self} needs {self.backward_shared_bytes} bytes of shared memory")
+        if shared_bytes > MAX_SHARED_BYTES:
+            raise ValueError(f"{self} needs {shared_bytes} bytes of shared memory")
 
 
 #: Tensor-core forward tiles per head-dim bucket (float16 and bfloat16). 128 query rows

@@ -362,7 +362,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     splits = _deterministic_splits(n_blocks, batch * nheads_k) if deterministic else 1
     delta = _empty((batch, nheads, seqlen_q), acc)
     # The tensor-core kernel adds dQ two columns at a time: pad its head dim to 8.
-    acc_dim = -(-head_dim // 8) * 8 if mma else head_dim
+    acc_dim = _cdiv(head_dim, 8) * 8 if mma else head_dim
     dq_accum = _empty((splits * batch,) + q.shape[1:3] + (acc_dim,), acc)
     rows_grid = (_cdiv(seqlen_q, ROW_THREADS), nheads, batch)
 

@@ -53,8 +53,8 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     """
     BM, BN, D, NT = cfg.block_m, cfg.block_n, cfg.head_dim, cfg.threads
     NW = cfg.warps
-    assert BN == 16 * cfg.warps, cfg
-    assert BM % 16 == 0 and BM <= 16 * cfg.warps, cfg   # dQ: one warp per 16 query rows
+    assert BN == 16 * NW, cfg
+    assert BM % 16 == 0 and BM <= 16 * NW, cfg
     KS = D // 16          # k-steps over the head dim
     NQ = BM // 8          # 8-query n-tiles of S^T
     KQ = BM // 16         # k-steps of 16 over the queries
@@ -65,7 +65,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     DQ_PASSES = 2 if D >= 128 or BM // 16 < NW else 1
     DTP = DT // DQ_PASSES  # dQ column n-tiles per pass
     # dQ's work units: 16 query rows by one pass's columns, dealt round-robin to the
-    # warps (BM = 32 at head dim 128: four units, one per warp).
+    # warps (64 x 128 tiles over 8 warps: 4 row blocks x 2 passes, one unit per warp).
     DQ_UNITS = (BM // 16) * DQ_PASSES
     CAUSAL = causal
     key_tiles = make_key_tile_schedule(deterministic, BN)
@@ -376,7 +376,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
                     ops.cp_async_commit()
                     load_rows_d(rows_f32, lse, delta, b, h_next, m_next, seqlen_q, tid)
 
-                # dQ_i += dS K_j: warp w sums all BN keys for 16 query rows.
+                # dQ_i += dS K_j: each unit sums all BN keys for its 16 rows and columns.
                 for unit in range(warp, DQ_UNITS, NW):
                     rows = unit // DQ_PASSES
                     if unit % DQ_PASSES == 0:

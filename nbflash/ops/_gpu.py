@@ -307,7 +307,6 @@ def st_shared_u32(typingctx, addr, value):
     return sig, codegen
 
 
-
 @intrinsic
 def red_add_f32x2(typingctx, addr, lo, hi):
     """Atomically adds (lo, hi) to the two float32 at the 8-byte aligned global
