@@ -120,14 +120,15 @@ class MmaConfig:
 
     @property
     def forward_shared_bytes(self):
-        """Q, K and V tiles of 16-bit elements."""
-        return (self.block_m + 2 * self.block_n) * self.head_dim * 2
+        """Q and two stages of the K and V tiles, 16-bit elements."""
+        return (self.block_m + 4 * self.block_n) * self.head_dim * 2
 
     @property
     def backward_shared_bytes(self):
-        """K, V (block_n rows), Q, dO (block_m rows), dS^T (16-bit) and two float32 rows."""
-        return ((2 * self.block_n + 2 * self.block_m) * self.head_dim * 2
-                + self.block_n * self.block_m * 2 + 2 * self.block_m * 4)
+        """K, V (block_n rows), two stages of Q, dO (block_m rows) and of their two float32
+        row statistics, and dS^T (16-bit)."""
+        return ((2 * self.block_n + 4 * self.block_m) * self.head_dim * 2
+                + self.block_n * self.block_m * 2 + 4 * self.block_m * 4)
 
     def check(self):
         """The forward's shape: each warp owns whole 16-row m-tiles of the query tile."""

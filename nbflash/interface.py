@@ -9,7 +9,8 @@ import numpy as np
 
 from . import _launch, _validate, config, ops
 from ._launch import ArgTemplate, ArraySpec, array_type, get_kernel, scalar_type
-from .kernels.backward import ROW_THREADS, build_backward, build_convert, build_preprocess
+from .kernels.backward import (ROW_THREADS, ROWS_PER_BLOCK, build_backward, build_convert,
+                               build_preprocess, build_stats)
 from .kernels.backward_mma import build_backward_mma
 from .kernels.common import LOG2E
 from .kernels.forward import build_forward
@@ -360,32 +361,39 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         nbytes = config.check_fits(cfg, config.backward_shared_elements(cfg), name)
     n_blocks = _cdiv(seqlen_k, cfg.block_n)
     splits = _deterministic_splits(n_blocks, batch * nheads_k) if deterministic else 1
-    delta = _empty((batch, nheads, seqlen_q), acc)
     # The tensor-core kernel adds dQ two columns at a time: pad its head dim to 8.
     acc_dim = _cdiv(head_dim, 8) * 8 if mma else head_dim
     dq_accum = _empty((splits * batch,) + q.shape[1:3] + (acc_dim,), acc)
-    rows_grid = (_cdiv(seqlen_q, ROW_THREADS), nheads, batch)
-
-    pre = get_kernel(("preprocess", name), lambda: build_preprocess(name),
-                     [array_type(store, 4)] * 2 + [array_type(acc, 3), array_type(acc, 4)], 0)
-    pre(rows_grid, (ROW_THREADS,), [_kernel_view(dout), _kernel_view(out), delta, dq_accum])
-
+    dq_accum.fill(0)      # a memset on the GPU
+    rows_grid = (_cdiv(seqlen_q, ROWS_PER_BLOCK), nheads, batch)
     scale_acc, scale_log2 = acc(scale), acc(scale * LOG2E)
-    # The tensor-core kernel reads q, k, v, dout as uint16 in the chunk layout.
+    row_inputs = [_kernel_view(dout), _kernel_view(out)]
     if mma:
-        inputs = [_chunk_layout(x).view(np.uint16) for x in (q, k, v, dout)]
-        kind, build, in_type = "backward_mma", build_backward_mma, np.uint16
+        # One buffer of (lse log2 e, Delta) per row, padded to whole query tiles.
+        stats = _empty((batch, nheads, 2, _cdiv(seqlen_q, cfg.block_m) * cfg.block_m), acc)
+        pre = get_kernel(("stats", name), lambda: build_stats(name),
+                         [array_type(store, 4)] * 2 + [array_type(acc, 3), array_type(acc, 4)],
+                         0)
+        pre((_cdiv(stats.shape[3], ROWS_PER_BLOCK), nheads, batch), (ROW_THREADS,),
+            row_inputs + [lse, stats])
+        # The tensor-core kernel reads q, k, v, dout as uint16 in the chunk layout.
+        inputs = [_chunk_layout(x).view(np.uint16) for x in (q, k, v, dout)] + [stats]
+        kind, build = "backward_mma", build_backward_mma
+        signature = [array_type(np.uint16, 4)] * 4 + [array_type(acc, 4)]
     else:
-        inputs = [_kernel_view(x) for x in (q, k, v, dout)]
-        kind, build, in_type = "backward", build_backward, store
-    signature = ([array_type(in_type, 4)] * 4 + [array_type(acc, 3)] * 2
-                 + [array_type(acc, 4)] + [array_type(store, 4)] * 2
-                 + [scalar_type(scale_acc)] * 2)
+        delta = _empty((batch, nheads, seqlen_q), acc)
+        pre = get_kernel(("preprocess", name), lambda: build_preprocess(name),
+                         [array_type(store, 4)] * 2 + [array_type(acc, 3)], 0)
+        pre(rows_grid, (ROW_THREADS,), row_inputs + [delta])
+        inputs = [_kernel_view(x) for x in (q, k, v, dout)] + [lse, delta]
+        kind, build = "backward", build_backward
+        signature = [array_type(store, 4)] * 4 + [array_type(acc, 3)] * 2
+    signature += ([array_type(acc, 4)] + [array_type(store, 4)] * 2
+                  + [scalar_type(scale_acc)] * 2)
     main = get_kernel((kind, cfg, name, causal, deterministic),
                       lambda: build(cfg, name, causal, deterministic), signature, nbytes)
     main((splits if deterministic else n_blocks, nheads_k, batch), (cfg.threads,),
-         inputs + [lse, delta, dq_accum, _kernel_view(dk), _kernel_view(dv), scale_acc,
-                   scale_log2])
+         inputs + [dq_accum, _kernel_view(dk), _kernel_view(dv), scale_acc, scale_log2])
 
     if np.dtype(q.dtype) == np.dtype(acc) and not deterministic:
         return dq_accum, dk, dv

@@ -67,8 +67,8 @@ def kernels():
                        build_forward_mma(cfg, dtype, causal), tuple(sig))
                 bcfg = config.select_backward_mma(bucket)
                 store = config.STORAGE[dtype]
-                sig = ([array_type("uint16", 4)] * 4 + [array_type("float32", 3)] * 2
-                       + [array_type("float32", 4)] + [array_type(store, 4)] * 2 + [f32, f32])
+                sig = ([array_type("uint16", 4)] * 4 + [array_type("float32", 4)] * 2
+                       + [array_type(store, 4)] * 2 + [f32, f32])
                 yield (f"backward_mma {dtype} d{bucket} {'causal' if causal else 'full'} "
                        f"{bcfg.block_m}x{bcfg.block_n}x{bcfg.warps}w",
                        build_backward_mma(bcfg, dtype, causal), tuple(sig))
@@ -92,13 +92,15 @@ def every_dispatcher():
     """Every kernel dispatcher nbflash can select: all dtypes, head-dim buckets,
     causal or not, deterministic or not, and the backward's two elementwise kernels."""
     from nbflash import config
-    from nbflash.kernels.backward import build_backward, build_convert, build_preprocess
+    from nbflash.kernels.backward import build_backward, build_convert, build_preprocess, build_stats
     from nbflash.kernels.backward_mma import build_backward_mma
     from nbflash.kernels.forward import build_forward
     from nbflash.kernels.forward_mma import build_forward_mma
     for dt in ("float16", "bfloat16", "float32", "float64"):
         yield build_preprocess(dt)
         yield build_convert(dt)
+        if dt in config.MMA_DTYPES:
+            yield build_stats(dt)
         for d in config.HEAD_DIM_BUCKETS:
             for causal in (False, True):
                 if dt in config.MMA_DTYPES:

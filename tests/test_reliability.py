@@ -723,8 +723,7 @@ def _get_kernel_contention(n_threads):
         try:
             barrier.wait()
             got[t] = _launch.get_kernel(key, build, [_launch.array_type(np.float32, 4)] * 2
-                                        + [_launch.array_type(np.float32, 3),
-                                           _launch.array_type(np.float32, 4)], 0)
+                                        + [_launch.array_type(np.float32, 3)], 0)
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
 

@@ -9,7 +9,7 @@ never stored. With P = softmax(S), dP = dO V^T and Delta_i = sum_j P_ij dP_ij:
 and Delta_i = sum_j P_ij (dO_i . V_j) = dO_i . O_i, a cheap per-row dot product.
 Three kernels:
 
-1. ``preprocess``: Delta = rowsum(dO * O); zeroes the float32 dQ accumulator.
+1. ``preprocess``: Delta = rowsum(dO * O) (the dQ accumulator is zeroed by a memset).
 2. ``main``: one block per (key tile, kv head, batch) keeps K_j, V_j in shared memory
    and dK_j, dV_j in registers, and loops over the query heads of its GQA group and
    the query tiles that see the key tile. dK and dV are owned by exactly one block,
@@ -34,6 +34,7 @@ block, without the loop's registers.
 import functools
 import math
 
+import numpy as np
 from numba import cuda, from_dtype
 
 from .. import ops
@@ -42,58 +43,120 @@ from .common import (LOG2E, NEG_INF, config_name, device, element_codec, kernel,
                      make_key_tile_schedule, make_row_loader, make_tile_loader,
                      query_tile_range, tile_needs_mask)
 
-#: Threads per block of the two elementwise kernels.
-ROW_THREADS = 128
+#: Threads per block of the two row kernels (one warp under the simulator, where each
+#: thread is an OS thread), and the query rows each block handles.
+ROW_THREADS = 32 if ops.SIMULATOR else 128
+ROWS_PER_BLOCK = 32
+_ROW_WARPS = ROW_THREADS // 32
+
+
+def _warp_rows():
+    """(lane, first row, row step, row stop) of this thread in a row kernel: each warp
+    takes every ``_ROW_WARPS``-th row of the block's ``ROWS_PER_BLOCK``."""
+    tid = cuda.threadIdx.x
+    row0 = cuda.blockIdx.x * ROWS_PER_BLOCK
+    return tid & 31, row0 + (tid >> 5), _ROW_WARPS, row0 + ROWS_PER_BLOCK
+
+
+warp_rows = device(_warp_rows)
+
+
+def make_row_dot(dtype_name):
+    """``dot(dout, out, b, row, h, lane) -> dO_row . O_row``, summed over the warp: the
+    lanes take consecutive head-dim columns, so that every load is one contiguous run
+    (a thread per row read 32 rows' columns at a time, one sector each, and took longer
+    than the backward's main kernel at large sizes). Every lane gets the sum."""
+    ACC_SCALAR = ACCUMULATOR[dtype_name]
+    to_acc, _ = element_codec(dtype_name)
+
+    def dot(dout, out, b, row, h, lane):
+        total = ACC_SCALAR(0.0)
+        for d in range(lane, out.shape[3], 32):
+            total += to_acc(dout[b, row, h, d]) * to_acc(out[b, row, h, d])
+        for width in (16, 8, 4, 2, 1):
+            total += ops.shfl_xor(total, width)
+        return total
+
+    return device(dot)
 
 
 @functools.lru_cache(maxsize=None)
 def build_preprocess(dtype_name: str):
-    """``preprocess(dout, out, delta, dq_accum)``: delta[b, h, i] = dO_i . O_i and
-    dq_accum[:, i, h, :] = 0 (every slice). Grid ``(ceil(seqlen_q / ROW_THREADS), nheads, batch)``,
-    one thread per query row."""
-    ACC_SCALAR = ACCUMULATOR[dtype_name]
-    to_acc, _ = element_codec(dtype_name)
+    """``preprocess(dout, out, delta)``: delta[b, h, i] = dO_i . O_i.
+
+    Grid ``(ceil(seqlen_q / ROWS_PER_BLOCK), nheads, batch)`` of ``ROW_THREADS``, a warp
+    per row."""
+    dot = make_row_dot(dtype_name)
 
     @kernel(f"preprocess_{dtype_name}", dtype_name)
-    def preprocess(dout, out, delta, dq_accum):
-        row = cuda.blockIdx.x * ROW_THREADS + cuda.threadIdx.x
+    def preprocess(dout, out, delta):
+        lane, first, step, stop = warp_rows()
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
-        if row >= out.shape[1]:
-            return
-        total = ACC_SCALAR(0.0)
-        for d in range(out.shape[3]):
-            total += to_acc(dout[b, row, h, d]) * to_acc(out[b, row, h, d])
-        delta[b, h, row] = total
-        batch = out.shape[0]
-        for s in range(dq_accum.shape[0] // batch):     # every deterministic slice
-            for d in range(dq_accum.shape[3]):
-                dq_accum[s * batch + b, row, h, d] = 0.0
+        for row in range(first, min(stop, out.shape[1]), step):
+            total = dot(dout, out, b, row, h, lane)
+            if lane == 0:
+                delta[b, h, row] = total
 
     return preprocess
 
 
 @functools.lru_cache(maxsize=None)
+def build_stats(dtype_name: str):
+    """``stats(dout, out, lse, stats)``, the tensor-core backward's pre-pass: for each
+    query row i, stats[b, h, 0, i] = lse[b, h, i] log2(e) and stats[b, h, 1, i] =
+    dO_i . O_i (Delta). Rows that see no key (lse = -inf) and the padding rows past
+    seqlen_q get +inf and 0, which make their probabilities exp2(-inf) = 0.
+
+    ``stats`` is (batch, nheads, 2, seqlen_q rounded up to whole query tiles), so the
+    backward copies a tile's rows as whole 16-byte chunks. Grid
+    ``(ceil(stats.shape[3] / ROWS_PER_BLOCK), nheads, batch)`` of ``ROW_THREADS``."""
+    dot = make_row_dot(dtype_name)
+    INF = np.float32(math.inf)
+    LOG2E_32 = np.float32(LOG2E)
+
+    @kernel(f"stats_{dtype_name}", dtype_name)
+    def stats_kernel(dout, out, lse, stats):
+        lane, first, step, stop = warp_rows()
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        seqlen_q = out.shape[1]
+        for row in range(first, min(stop, stats.shape[3]), step):
+            if row < seqlen_q:
+                total = np.float32(dot(dout, out, b, row, h, lane))
+                x = lse[b, h, row]
+                x = INF if x == -INF else x * LOG2E_32
+            else:
+                total = np.float32(0.0)
+                x = INF
+            if lane == 0:
+                stats[b, h, 0, row] = x
+                stats[b, h, 1, row] = total
+
+    return stats_kernel
+
+
+@functools.lru_cache(maxsize=None)
 def build_convert(dtype_name: str):
-    """``convert(src, dst)``: dst = src in the input dtype, elementwise over
-    (batch, seqlen, heads, head_dim); src may hold several deterministic slices
-    (``splits * batch`` rows on axis 0), summed in order.
-    Grid ``(ceil(seqlen / ROW_THREADS), heads, batch)``."""
+    """``convert(src, dst)``: dst = src in the input dtype, over (batch, seqlen, heads,
+    head_dim); src may hold several deterministic slices (``splits * batch`` rows on
+    axis 0), summed in order, and a head dim padded past dst's.
+    Grid ``(ceil(seqlen / ROWS_PER_BLOCK), heads, batch)`` of ``ROW_THREADS``, a warp per
+    row as in ``preprocess``."""
     _, from_acc = element_codec(dtype_name)
 
     @kernel(f"convert_{dtype_name}", dtype_name)
     def convert(src, dst):
-        row = cuda.blockIdx.x * ROW_THREADS + cuda.threadIdx.x
+        lane, first, step, stop = warp_rows()
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
-        if row >= src.shape[1]:
-            return
         batch = dst.shape[0]
-        for d in range(dst.shape[3]):
-            total = src[b, row, h, d]
-            for s in range(1, src.shape[0] // batch):   # deterministic slices
-                total += src[s * batch + b, row, h, d]
-            dst[b, row, h, d] = from_acc(total)
+        for row in range(first, min(stop, dst.shape[1]), step):
+            for d in range(lane, dst.shape[3], 32):
+                total = src[b, row, h, d]
+                for s in range(1, src.shape[0] // batch):   # deterministic slices
+                    total += src[s * batch + b, row, h, d]
+                dst[b, row, h, d] = from_acc(total)
 
     return convert
 

@@ -21,9 +21,14 @@ as in FlashAttention-2; P^T is rounded to 16 bits only as the A operand of dV's 
 softmax_scale is applied to dS before it is rounded to 16 bits for the dK and dQ
 products: dP alone can exceed the float16 range when the
 values are large (|dP| ~ |dO| |V| sqrt(d)), while scale * dS is the gradient of the
-logits, bounded by the outputs' size. Q_{i+1} and dO_{i+1} are copied with cp.async while
-tile i's dQ is computed. Query rows past seqlen_q and rows that see no key
-carry lse = +inf, so their P is exp2(-inf) = 0 without a special case.
+logits, bounded by the outputs' size.
+
+Q_i, dO_i and the rows' statistics stream through two stages of shared memory:
+tile i+1's are copied with cp.async during all of tile i's work. The statistics come
+from the pre-pass as one float32 buffer ``stats[b, h, 0 | 1, row]`` = (lse log2 e,
+Delta), padded to whole query tiles, so that they travel by cp.async like the tiles;
+query rows past seqlen_q and rows that see no key carry lse log2 e = +inf there, so
+their P is exp2(-inf) = 0 without a special case.
 """
 import functools
 
@@ -41,10 +46,11 @@ from .forward_mma import make_mma_tile_ops
 def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
                        deterministic: bool = False):
     """The tensor-core backward kernel
-    ``(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2)``.
+    ``(q, k, v, dout, stats, dq_accum, dk, dv, scale, scale_log2)``.
 
-    q, k, v, dout are uint16 views; dk, dv in their storage type; lse, delta float32
-    (batch, nheads, seqlen_q); dq_accum float32 like q, or (splits * batch, ...) for
+    q, k, v, dout are uint16 views; dk, dv in their storage type; stats float32
+    (batch, nheads, 2, seqlen_q rounded up to block_m), see ``build_stats``; dq_accum
+    float32 like q, or (splits * batch, ...) for
     the deterministic mode (grid x = splits, see kernels/backward.py), its head dim
     rounded up to a multiple of 8. ``cfg.block_m`` is the query
     tile, ``cfg.block_n`` the key tile (16 keys per warp). Launch with grid
@@ -70,17 +76,22 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     CAUSAL = causal
     key_tiles = make_key_tile_schedule(deterministic, BN)
     ZERO = np.float32(0.0)
-    INF = np.float32(np.inf)
-    LOG2E_32 = np.float32(LOG2E)
+    MINUS_INF = np.float32(NEG_INF)
 
-    # Shared memory, in 16-bit elements, then two float32 rows of BM.
+    # Shared memory, in 16-bit elements: K, V, two stages of (Q, dO), dS^T, then two
+    # stages of the float32 rows (lse log2 e, then Delta). Stage s of Q is at
+    # OFF_Q + s * QSTAGE, its dO at OFF_DO + s * QSTAGE, its rows at float s * RSTAGE.
+    QSTAGE = 2 * BM * D
+    RSTAGE = 2 * BM
     OFF_K = 0
     OFF_V = OFF_K + BN * D
     OFF_Q = OFF_V + BN * D
     OFF_DO = OFF_Q + BM * D
-    OFF_DS = OFF_DO + BM * D          # dS^T: BN rows (keys) of BM queries
-    OFF_ROWS = OFF_DS + BN * BM       # lse * log2(e), then Delta, float32
-    assert OFF_ROWS * 2 + 2 * BM * 4 == cfg.backward_shared_bytes
+    OFF_DS = OFF_Q + 2 * QSTAGE       # dS^T: BN rows (keys) of BM queries
+    OFF_ROWS = OFF_DS + BN * BM
+    assert OFF_ROWS * 2 + 2 * RSTAGE * 4 == cfg.backward_shared_bytes
+    ROW_CHUNKS = BM // 4              # 16-byte chunks of one statistic's rows
+    assert 2 * ROW_CHUNKS <= NT, cfg
 
     make_loader, make_offset, mma, pack = make_mma_tile_ops(cfg, dtype_name)
     load_kv = make_loader(BN)
@@ -91,19 +102,17 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     _, from_acc = element_codec(dtype_name)
     F32 = from_dtype(np.float32)
 
-    def load_rows(rows_f32, lse, delta, b, h, m0, seqlen_q, tid):
-        """lse * log2(e) (+inf for rows past seqlen_q and rows that see no key) and
-        Delta for the query tile, into shared memory."""
-        for r in range(tid, BM, NT):
-            row = m0 + r
-            x = INF
-            dl = ZERO
-            if row < seqlen_q:
-                x = lse[b, h, row]
-                x = INF if x == -INF else x * LOG2E_32
-                dl = delta[b, h, row]
-            rows_f32[r] = x
-            rows_f32[BM + r] = dl
+    def load_query_tile(smem_base, stage, q, dout, stats, b, h, m0, seqlen_q, head_dim, tid):
+        """cp.async of Q_i, dO_i and the rows' (lse log2 e, Delta) into ``stage``."""
+        qs = stage * QSTAGE
+        load_q(smem_base, OFF_Q + qs, q, b, m0, seqlen_q, h, head_dim, tid)
+        load_q(smem_base, OFF_DO + qs, dout, b, m0, seqlen_q, h, head_dim, tid)
+        if tid < 2 * ROW_CHUNKS:
+            which = tid // ROW_CHUNKS          # 0: lse log2 e, 1: Delta
+            chunk = tid - which * ROW_CHUNKS
+            dst = smem_base + 2 * OFF_ROWS + 4 * (stage * RSTAGE + which * BM + 4 * chunk)
+            ops.cp_async_16(dst, ops.global_addr(stats, b, h, which, m0 + 4 * chunk),
+                            np.uint32(16))
 
     def keys_by_queries(kk, nq2, acc, slot, a_off, b_off, smem_base, warp, lane):
         """One 16-dim by 16-query step of acc = A B^T for this warp's 16 keys, with A a
@@ -124,19 +133,19 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
 
     keys_by_queries_d = device(keys_by_queries)
 
-    def st_step(step, st, smem_base, warp, lane):
+    def st_step(step, st, qs, smem_base, warp, lane):
         kk = step // (NQ // 2)
         nq2 = step - kk * (NQ // 2)
-        keys_by_queries_d(kk, nq2, st, 2 * nq2, OFF_K, OFF_Q, smem_base, warp, lane)
+        keys_by_queries_d(kk, nq2, st, 2 * nq2, OFF_K, OFF_Q + qs, smem_base, warp, lane)
 
     st_steps = static_loop(KS * NQ // 2, device(st_step))       # S^T = K Q^T
 
-    def dpt_step(kk, acc, nq2, smem_base, warp, lane):
-        keys_by_queries_d(kk, nq2, acc, 0, OFF_V, OFF_DO, smem_base, warp, lane)
+    def dpt_step(kk, acc, nq2, b_off, smem_base, warp, lane):
+        keys_by_queries_d(kk, nq2, acc, 0, OFF_V, b_off, smem_base, warp, lane)
 
     dpt_steps = static_loop(KS, device(dpt_step))
 
-    def ds_step(nq2, frag, pt, rows_f32, scale, smem_base, warp, lane):
+    def ds_step(nq2, frag, pt, rows_f32, rs, qs, scale, smem_base, warp, lane):
         """dS^T = scale P^T (dP^T - Delta) for queries [16 nq2, 16 nq2 + 16), packed into
         frag[nq2] as the A-fragment of dK's product.
 
@@ -149,12 +158,12 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
         for half in range(2):
             for i in range(4):
                 dpt[half, i] = ZERO
-        dpt_steps(dpt, nq2, smem_base, warp, lane)
+        dpt_steps(dpt, nq2, OFF_DO + qs, smem_base, warp, lane)
         ds = cuda.local.array((2, 4), np.float32)
         for half in range(2):
             nq = 2 * nq2 + half
-            delta0 = rows_f32[BM + nq * 8 + 2 * t]
-            delta1 = rows_f32[BM + nq * 8 + 2 * t + 1]
+            delta0 = rows_f32[rs + BM + nq * 8 + 2 * t]
+            delta1 = rows_f32[rs + BM + nq * 8 + 2 * t + 1]
             for rh in range(2):
                 ds[half, 2 * rh] = (pt[nq, 2 * rh] * scale) * (dpt[half, 2 * rh] - delta0)
                 ds[half, 2 * rh + 1] = ((pt[nq, 2 * rh + 1] * scale)
@@ -166,7 +175,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
 
     ds_steps = static_loop(KQ, device(ds_step))
 
-    def probabilities(st, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale_log2, warp,
+    def probabilities(st, rows_f32, rs, n0, m0, seqlen_q, seqlen_k, masked, scale_log2, warp,
                       lane):
         """st: S^T -> P^T = exp2(S^T c - lse log2 e), 0 where masked."""
         g = lane >> 2
@@ -174,12 +183,12 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
         for nq in range(NQ):
             for i in range(4):
                 col = nq * 8 + 2 * t + (i & 1)            # query within the tile
-                x = cuda.fma(st[nq, i], scale_log2, -rows_f32[col])
+                x = cuda.fma(st[nq, i], scale_log2, -rows_f32[rs + col])
                 if masked:
                     key = n0 + warp * 16 + g + 8 * (i >> 1)
                     query = m0 + col
                     if key >= seqlen_k or (CAUSAL and key > query + seqlen_k - seqlen_q):
-                        x = -INF
+                        x = MINUS_INF
                 st[nq, i] = ops.ex2(x)
 
     def grad_step(step, acc, frag, b_off, smem_base, lane):
@@ -294,14 +303,14 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     # head dim 128, and one rolled loop sends both accumulators to local memory.
     zero_steps = static_loop(DT, device(zero_step))
     store_steps = static_loop(DT, device(store_step))
-    load_rows_d = device(load_rows)
+    load_query_tile_d = device(load_query_tile)
     probabilities_d = device(probabilities)
     U16 = from_dtype(np.uint16)
 
     @kernel(f"backward_mma_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}"
             + ("_deterministic" if deterministic else ""),
             (cfg, dtype_name, causal, deterministic), lineinfo=True)
-    def backward_mma(q, k, v, dout, lse, delta, dq_accum, dk, dv, scale, scale_log2):
+    def backward_mma(q, k, v, dout, stats, dq_accum, dk, dv, scale, scale_log2):
         h_kv = cuda.blockIdx.y
         b = cuda.blockIdx.z
         tid = cuda.threadIdx.x
@@ -319,7 +328,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
 
         smem = cuda.shared.array(0, U16)
         smem_base = ops.smem_addr(smem, 0)
-        rows_f32 = cuda.shared.array(0, F32)[OFF_ROWS // 2:OFF_ROWS // 2 + 2 * BM]
+        rows_f32 = cuda.shared.array(0, F32)[OFF_ROWS // 2:OFF_ROWS // 2 + 2 * RSTAGE]
 
         dk_acc = cuda.local.array((DT, 4), np.float32)
         dv_acc = cuda.local.array((DT, 4), np.float32)
@@ -332,49 +341,51 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
             zero_steps(dk_acc)
             zero_steps(dv_acc)
 
-            # ---- Prologue: K_j, V_j stay; the first Q, dO tile in flight
+            # ---- Prologue: K_j, V_j stay; the first query tile into stage 0
             m_start, m_end = query_tile_range(n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
-            n_tiles = m_end - m_start
-            total = group * n_tiles
+            total = group * (m_end - m_start)
             load_kv(smem_base, OFF_K, k, b, n0, seqlen_k, h_kv, head_dim, tid)
             load_kv(smem_base, OFF_V, v, b, n0, seqlen_k, h_kv, head_dim, tid)
+            h = h_kv * group
+            m_block = m_start
             if total > 0:
-                m0 = m_start * BM
-                h0 = h_kv * group
-                load_q(smem_base, OFF_Q, q, b, m0, seqlen_q, h0, head_dim, tid)
-                load_q(smem_base, OFF_DO, dout, b, m0, seqlen_q, h0, head_dim, tid)
-                load_rows_d(rows_f32, lse, delta, b, h0, m0, seqlen_q, tid)
+                load_query_tile_d(smem_base, 0, q, dout, stats, b, h, m_block * BM, seqlen_q,
+                                  head_dim, tid)
             ops.cp_async_commit()
 
-            # ---- Mainloop over the group's query heads and the query tiles that see K_j
+            # ---- Mainloop over the group's query heads and the query tiles that see K_j;
+            # tile it is in stage it % 2. Counters, not it // n_tiles: 64-bit divisions
+            # cost more than the bookkeeping they replace.
             for it in range(total):
-                h = h_kv * group + it // n_tiles
-                m_block = m_start + it % n_tiles
                 m0 = m_block * BM
+                stage = it & 1
+                qs = stage * QSTAGE
+                rs = stage * RSTAGE
                 ops.cp_async_wait(0)
-                cuda.syncthreads()         # Q_i, dO_i, lse_i, Delta_i have landed
+                cuda.syncthreads()         # tile it has landed; tile it-1's stage is free
+                h_next = h
+                m_next = m_block + 1
+                if m_next == m_end:
+                    m_next = m_start
+                    h_next = h + 1
+                if it + 1 < total:         # tile it+1 is copied during all of tile it
+                    load_query_tile_d(smem_base, 1 - stage, q, dout, stats, b, h_next,
+                                      m_next * BM, seqlen_q, head_dim, tid)
+                    ops.cp_async_commit()
 
                 # pt holds S^T, then P^T in float32; frag the 16-bit A-fragments of
                 # P^T, then of dS^T.
                 zero_acc(pt)
-                st_steps(pt, smem_base, warp, lane)                   # S^T = K Q^T
+                st_steps(pt, qs, smem_base, warp, lane)               # S^T = K Q^T
                 masked = tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
-                probabilities_d(pt, rows_f32, n0, m0, seqlen_q, seqlen_k, masked, scale_log2,
-                                warp, lane)
+                probabilities_d(pt, rows_f32, rs, n0, m0, seqlen_q, seqlen_k, masked,
+                                scale_log2, warp, lane)
                 pack_steps(frag, pt)
-                grad_steps(dv_acc, frag, OFF_DO, smem_base, lane)     # dV += P^T dO
-                ds_steps(frag, pt, rows_f32, scale, smem_base, warp, lane)  # dP^T, dS^T
-                grad_steps(dk_acc, frag, OFF_Q, smem_base, lane)      # dK += dS^T Q
+                grad_steps(dv_acc, frag, OFF_DO + qs, smem_base, lane)  # dV += P^T dO
+                ds_steps(frag, pt, rows_f32, rs, qs, scale, smem_base, warp, lane)  # dS^T
+                grad_steps(dk_acc, frag, OFF_Q + qs, smem_base, lane)   # dK += dS^T Q
                 store_ds_steps(frag, smem_base, warp, lane)
-                cuda.syncthreads()         # dS^T is visible; Q_i, dO_i, lse_i are free
-
-                if it + 1 < total:         # the next tile's copies overlap this tile's dQ
-                    h_next = h_kv * group + (it + 1) // n_tiles
-                    m_next = (m_start + (it + 1) % n_tiles) * BM
-                    load_q(smem_base, OFF_Q, q, b, m_next, seqlen_q, h_next, head_dim, tid)
-                    load_q(smem_base, OFF_DO, dout, b, m_next, seqlen_q, h_next, head_dim, tid)
-                    ops.cp_async_commit()
-                    load_rows_d(rows_f32, lse, delta, b, h_next, m_next, seqlen_q, tid)
+                cuda.syncthreads()         # dS^T is visible
 
                 # dQ_i += dS K_j: each unit sums all BN keys for its 16 rows and columns.
                 for unit in range(warp, DQ_UNITS, NW):
@@ -383,6 +394,8 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
                         dq_first(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, rows, lane)
                     else:
                         dq_second(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, rows, lane)
+                h = h_next
+                m_block = m_next
 
             # ---- Epilogue: dK_j, dV_j are complete; written once
             ops.cp_async_wait(0)

@@ -7,8 +7,10 @@ the FlashAttention-2 arrangement:
   query rows, so warps never exchange data and no shared memory holds S or P;
 - Q is copied to shared memory once; its mma A-fragments are kept in registers
   (head dims up to 64) or reloaded per k-step (larger head dims, short of registers);
-- K and V tiles stream through shared memory with ``cp.async``: V_j is copied while
-  S = Q K_j^T is computed, K_{j+1} while the softmax and P V_j run;
+- K and V tiles stream through two stages of shared memory with ``cp.async``: K_{j+1}
+  and V_{j+1} are copied during all of tile j's work, one barrier per tile. (One stage,
+  with V_j copied during S = Q K_j^T and K_{j+1} during P V_j, left a third of the
+  time waiting for the copies: ncu on the H100, head dim 128.)
 - S lives in registers as mma accumulators; the softmax runs on them (row max and
   sum over the 4 lanes of a quad with shuffles), in the exp2 domain with
   c = softmax_scale * log2(e) folded into one fused multiply-add per score;
@@ -122,10 +124,13 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     MINUS_INF = np.float32(NEG_INF)
     LN2_32 = np.float32(LN2)
 
+    # Shared memory in 16-bit elements: Q, then two stages of K, then two of V. A
+    # stage's tiles are at OFF_K + stage * STAGE and OFF_V + stage * STAGE.
+    STAGE = BN * D
     OFF_Q = 0
     OFF_K = OFF_Q + BM * D
-    OFF_V = OFF_K + BN * D
-    assert (OFF_V + BN * D) * 2 == cfg.forward_shared_bytes
+    OFF_V = OFF_K + 2 * STAGE
+    assert (OFF_V + 2 * STAGE) * 2 == cfg.forward_shared_bytes
 
     make_loader, make_offset, mma, pack = make_mma_tile_ops(cfg, dtype_name)
     load_q = make_loader(BM)
@@ -151,7 +156,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
     load_q_fragments = static_loop(KS, device(load_q_step))
 
-    def qk_step(step, s, qf, smem_base, warp, lane):
+    def qk_step(step, s, qf, smem_base, kv_base, warp, lane):
         """One 16-dim by 16-key step of S = Q K_j^T: an ldmatrix of K, two mma per m-tile.
 
         s[mt, nt] holds rows g, g+8 and keys 2t, 2t+1 of the 16x8 tile (mt, nt). With
@@ -166,7 +171,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         mat = lane >> 3
         row = nt2 * 16 + (mat >> 1) * 8 + (lane & 7)
         col = kk * 16 + (mat & 1) * 8
-        b = ops.ldmatrix_x4(smem_base + 2 * (OFF_K + kv_offset(row, col)))
+        b = ops.ldmatrix_x4(kv_base + 2 * (OFF_K + kv_offset(row, col)))
         for mt in range(MT):
             for half in range(2):
                 nt = 2 * nt2 + half
@@ -178,13 +183,13 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
     qk_steps = static_loop(NS // 2 * KS, device(qk_step))
 
-    def scores(s, qf, smem_base, warp, lane):
-        """s = Q K_j^T as mma accumulators."""
+    def scores(s, qf, smem_base, kv_base, warp, lane):
+        """s = Q K_j^T as mma accumulators; K_j's stage starts at ``kv_base``."""
         for mt in range(MT):
             for nt in range(NS):
                 for i in range(4):
                     s[mt, nt, i] = ZERO
-        qk_steps(s, qf, smem_base, warp, lane)
+        qk_steps(s, qf, smem_base, kv_base, warp, lane)
 
     def apply_mask(s, row0, n0, seqlen_q, seqlen_k, lane):
         """-inf for keys past seqlen_k and, when causal, above the diagonal."""
@@ -250,7 +255,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
             pf[mt, step, 2] = pack(s[mt, 2 * step + 1, 0], s[mt, 2 * step + 1, 1])
             pf[mt, step, 3] = pack(s[mt, 2 * step + 1, 2], s[mt, 2 * step + 1, 3])
 
-    def pv_step(step, o, pf, smem_base, lane):
+    def pv_step(step, o, pf, kv_base, lane):
         """One 16-key by 16-column step of O += P V_j: an ldmatrix.trans of V, two mma
         per m-tile."""
         kk = step // (DT // 2)
@@ -258,7 +263,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         mat = lane >> 3
         row = kk * 16 + (mat & 1) * 8 + (lane & 7)
         col = dt2 * 16 + (mat >> 1) * 8
-        vb = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_V + kv_offset(row, col)))
+        vb = ops.ldmatrix_x4_trans(kv_base + 2 * (OFF_V + kv_offset(row, col)))
         for mt in range(MT):
             for half in range(2):
                 dt = 2 * dt2 + half
@@ -271,11 +276,11 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     pack_p_steps = static_loop(KP, device(pack_p))
     pv_steps = static_loop(KP * DT // 2, device(pv_step))
 
-    def accumulate_pv(o, s, smem_base, lane):
+    def accumulate_pv(o, s, kv_base, lane):
         """o += P V_j with P taken from the score accumulators."""
         pf = cuda.local.array((MT, KP, 4), np.uint32)
         pack_p_steps(pf, s)
-        pv_steps(o, pf, smem_base, lane)
+        pv_steps(o, pf, kv_base, lane)
 
     def store_step(dt, out, o, mt, half, inv, b, row, h, head_dim, t):
         for j in range(2):
@@ -338,34 +343,35 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                 m[mt, half] = MINUS_INF
                 l[mt, half] = ZERO
 
-        # ---- Prologue: Q and the first K tile in flight; Q into registers
+        # ---- Prologue: Q and the first K, V tiles (stage 0); Q into registers
         n_start, n_end = key_tile_range(m_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
         if n_start < n_end:
             load_q(smem_base, OFF_Q, q, b, m0, seqlen_q, h, head_dim, tid)
             load_kv(smem_base, OFF_K, k, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
+            load_kv(smem_base, OFF_V, v, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
             ops.cp_async_commit()
             ops.cp_async_wait(0)
             cuda.syncthreads()
             if Q_IN_REGS:
                 load_q_fragments(qf, smem_base, warp, lane)
 
-        # ---- Mainloop over key/value tiles
+        # ---- Mainloop over key/value tiles; tile j is in stage (j - n_start) % 2
         for n_block in range(n_start, n_end):
             n0 = n_block * BN
+            stage = ((n_block - n_start) & 1) * STAGE
             ops.cp_async_wait(0)
-            cuda.syncthreads()              # K_j has landed; everyone is done with V_{j-1}
-            load_kv(smem_base, OFF_V, v, b, n0, seqlen_k, h_kv, head_dim, tid)
-            ops.cp_async_commit()
-            scores_d(s, qf, smem_base, warp, lane)
+            cuda.syncthreads()              # K_j, V_j have landed; tile j-1's stage is free
+            if n_block + 1 < n_end:
+                other = STAGE - stage
+                load_kv(smem_base, OFF_K + other, k, b, n0 + BN, seqlen_k, h_kv, head_dim, tid)
+                load_kv(smem_base, OFF_V + other, v, b, n0 + BN, seqlen_k, h_kv, head_dim, tid)
+                ops.cp_async_commit()
+            kv_base = smem_base + 2 * stage
+            scores_d(s, qf, smem_base, kv_base, warp, lane)
             if tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL):
                 apply_mask_d(s, row0, n0, seqlen_q, seqlen_k, lane)
-            ops.cp_async_wait(0)
-            cuda.syncthreads()              # V_j has landed; everyone is done with K_j
-            if n_block + 1 < n_end:
-                load_kv(smem_base, OFF_K, k, b, n0 + BN, seqlen_k, h_kv, head_dim, tid)
-                ops.cp_async_commit()
             online_softmax_d(s, o, m, l, scale_log2)
-            accumulate_pv_d(o, s, smem_base, lane)
+            accumulate_pv_d(o, s, kv_base, lane)
 
         # ---- Epilogue
         # The inputs' head dim may be zero-padded to a multiple of 8; the output's is not.
