@@ -219,32 +219,42 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
     def online_softmax(s, o, m, l, scale_log2):
         """Turns s into P = exp2(S c - m_new c) in place, updates the running max m and
-        this thread's partial row sums l, and rescales o where the max changed."""
+        this thread's partial row sums l, and rescales o by exp2((m_old - m_new) c).
+
+        Each phase runs over all of the thread's 2 MT rows before the next, so that
+        their shuffles and exp2 overlap, and the rescale is unconditional (a multiply
+        by 1 when the max is unchanged): a branch per row kept each row's shuffle
+        latency exposed (ncu: the softmax was a quarter of the forward's stalls)."""
+        mx = cuda.local.array((MT, 2), np.float32)
         for mt in range(MT):
             for half in range(2):
-                m_old = m[mt, half]
-                m_new = m_old
+                m_new = m[mt, half]
                 for nt in range(NS):
                     m_new = max(m_new, max(s[mt, nt, 2 * half], s[mt, nt, 2 * half + 1]))
-                # A row lives in the 4 lanes of a quad.
-                m_new = max(m_new, ops.shfl_xor(m_new, 1))
-                m_new = max(m_new, ops.shfl_xor(m_new, 2))
+                mx[mt, half] = m_new
+        # A row lives in the 4 lanes of a quad.
+        for mt in range(MT):
+            for half in range(2):
+                mx[mt, half] = max(mx[mt, half], ops.shfl_xor(mx[mt, half], 1))
+        for mt in range(MT):
+            for half in range(2):
+                mx[mt, half] = max(mx[mt, half], ops.shfl_xor(mx[mt, half], 2))
+        for mt in range(MT):
+            for half in range(2):
+                m_new = mx[mt, half]
                 # A row that has seen no key keeps m = -inf; shift by 0 so that
                 # exp2(-inf - 0) = 0 and no inf - inf is formed.
                 m_scaled = m_new * scale_log2 if m_new != MINUS_INF else ZERO
+                alpha = ops.ex2(m[mt, half] * scale_log2 - m_scaled)  # 0 when m_old = -inf
+                m[mt, half] = m_new
                 row_sum = ZERO
                 for nt in range(NS):
                     for j in range(2):
                         p = ops.ex2(cuda.fma(s[mt, nt, 2 * half + j], scale_log2, -m_scaled))
                         s[mt, nt, 2 * half + j] = p
                         row_sum += p
-                if m_new != m_old:
-                    alpha = ops.ex2(m_old * scale_log2 - m_scaled)   # 0 when m_old = -inf
-                    l[mt, half] = l[mt, half] * alpha + row_sum
-                    rescale_rows(o, mt, half, alpha)
-                    m[mt, half] = m_new
-                else:
-                    l[mt, half] += row_sum
+                l[mt, half] = l[mt, half] * alpha + row_sum
+                rescale_rows(o, mt, half, alpha)
 
     def pack_p(step, pf, s):
         """P's A-fragments for keys [16 step, 16 step + 16): the accumulators of n-tiles
