@@ -124,6 +124,26 @@ def test_backward_p_rounding_regression(poison, dtype_name):
     _check_backward(dtype_name, P_ROUNDING_CASE)
 
 
+#: One query, 261 keys, head dim 1, logits up to 22 (found by the H100's default GPU run,
+#: 2026-11-24, fifth session): dq is a single sum of 261 terms of total size 27.2 that
+#: cancel to 0.457. FlashAttention-2's algorithm rounds dS to the input dtype before
+#: dQ = dS K; emulated in NumPy with dS rounded to bfloat16 it gives 0.4245 (nbflash
+#: 0.4238), with float32 dS 0.457295 (exact 0.457291). The naive baseline rounds dS
+#: too, but its error here is one lucky draw (0.0037); over 150 seeds of this shape the
+#: emulated FlashAttention-2 dq is a median 0.16x the naive error, yet fails the rule
+#: for 6 seeds. Kept as a strict xfail: a known gap between the rule and 16-bit dS at
+#: one-element gradients, not hidden by a wider tolerance.
+DS_ROUNDING_CASE = Case(batch=1, seqlen_q=1, seqlen_k=261, nheads_k=1, group=1, head_dim=1,
+                        causal=False, softmax_scale=None, layout="contiguous", input_scale=3.0,
+                        seed=262)
+
+
+@pytest.mark.xfail(strict=True, reason="dS rounded to bfloat16 before dQ = dS K, as in "
+                                       "FlashAttention-2; see DS_ROUNDING_CASE")
+def test_backward_ds_rounding_bfloat16(poison):
+    _check_backward("bfloat16", DS_ROUNDING_CASE)
+
+
 def _check_backward(dtype_name, case):
     (q, k, v, do), (dq_in, dk_in, dv_in, ddo) = make_inputs(case, dtype_name, interface.xp,
                                                          with_grad=True)
