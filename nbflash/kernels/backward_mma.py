@@ -37,7 +37,7 @@ from numba import cuda, from_dtype
 
 from .. import ops
 from ..config import MmaConfig
-from .common import (LOG2E, NEG_INF, config_name, device, element_codec, kernel,
+from .common import (NEG_INF, config_name, device, element_codec, kernel,
                      make_key_tile_schedule, query_tile_range, static_loop, tile_needs_mask)
 from .forward_mma import make_mma_tile_ops
 

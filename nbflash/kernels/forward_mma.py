@@ -8,9 +8,11 @@ the FlashAttention-2 arrangement:
 - Q is copied to shared memory once; its mma A-fragments are kept in registers
   (head dims up to 64) or reloaded per k-step (larger head dims, short of registers);
 - K and V tiles stream through two stages of shared memory with ``cp.async``: K_{j+1}
-  and V_{j+1} are copied during all of tile j's work, one barrier per tile. (One stage,
-  with V_j copied during S = Q K_j^T and K_{j+1} during P V_j, left a third of the
-  time waiting for the copies: ncu on the H100, head dim 128.)
+  and V_{j+1} are copied during all of tile j's work, one barrier per tile. (With one
+  stage, V_j copied during S = Q K_j^T and K_{j+1} during P V_j, ncu on the H100 put
+  26% of the head-dim-128 stall samples on waits for the copies; two stages measured
+  no faster, since those waits are set by the L2's request throughput, but need one
+  barrier per tile instead of two.)
 - S lives in registers as mma accumulators; the softmax runs on them (row max and
   sum over the 4 lanes of a quad with shuffles), in the exp2 domain with
   c = softmax_scale * log2(e) folded into one fused multiply-add per score;
