@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Head dims are rounded up to one of these; the kernels zero-pad the rest.
-HEAD_DIM_BUCKETS = (32, 64, 128, 256)
+HEAD_DIM_BUCKETS = (32, 64, 96, 128, 256)
 MAX_HEAD_DIM = HEAD_DIM_BUCKETS[-1]
 
 #: Opt-in shared-memory limit per block on sm_80/sm_90 (H100: 232448 bytes).
@@ -80,15 +80,19 @@ def backward_shared_elements(cfg):
 # per-thread accumulators at <= 64 values and shared memory under the opt-in limit.
 FORWARD_TILES = {
     4: {32: TileConfig(64, 64, 32, 128), 64: TileConfig(64, 64, 64, 128),
-        128: TileConfig(64, 32, 128, 128), 256: TileConfig(32, 32, 256, 128)},
+        96: TileConfig(64, 32, 96, 128), 128: TileConfig(64, 32, 128, 128),
+        256: TileConfig(32, 32, 256, 128)},
     8: {32: TileConfig(64, 64, 32, 128), 64: TileConfig(64, 32, 64, 128),
-        128: TileConfig(32, 32, 128, 128), 256: TileConfig(32, 32, 256, 128)},
+        96: TileConfig(32, 32, 96, 128), 128: TileConfig(32, 32, 128, 128),
+        256: TileConfig(32, 32, 256, 128)},
 }
 BACKWARD_TILES = {
     4: {32: TileConfig(64, 64, 32, 128), 64: TileConfig(64, 64, 64, 128),
-        128: TileConfig(32, 64, 128, 256), 256: TileConfig(32, 32, 256, 256)},
+        96: TileConfig(32, 64, 96, 256), 128: TileConfig(32, 64, 128, 256),
+        256: TileConfig(32, 32, 256, 256)},
     8: {32: TileConfig(64, 64, 32, 128), 64: TileConfig(32, 64, 64, 128),
-        128: TileConfig(32, 32, 128, 256), 256: TileConfig(16, 16, 256, 256)},
+        96: TileConfig(32, 32, 96, 256), 128: TileConfig(32, 32, 128, 256),
+        256: TileConfig(16, 16, 256, 256)},
 }
 
 # The CUDA simulator runs one OS thread per CUDA thread: small tiles and few threads
@@ -162,6 +166,7 @@ class MmaConfig:
 FORWARD_MMA_TILES = {
     32: MmaConfig(128, 64, 32, 4),
     64: MmaConfig(128, 64, 64, 4),
+    96: MmaConfig(128, 32, 96, 4, q_in_registers=False),
     128: MmaConfig(128, 32, 128, 4, q_in_registers=False),
     256: MmaConfig(64, 32, 256, 4, q_in_registers=False),
 }
@@ -179,6 +184,7 @@ FORWARD_MMA_TILES_CAUSAL = {
 BACKWARD_MMA_TILES = {
     32: MmaConfig(64, 64, 32, 4),
     64: MmaConfig(64, 128, 64, 8),
+    96: MmaConfig(64, 128, 96, 8),
     128: MmaConfig(64, 128, 128, 8),
     256: MmaConfig(32, 32, 256, 2),
 }

@@ -38,7 +38,7 @@ def _seqlen(max_len):
 
 
 #: Head dims (GPU) where bugs hide: bucket edges, odd and padded sizes.
-HEAD_DIM_EDGES = [1, 8, 17, 32, 33, 64, 80, 96, 128, 129, 160, 192, 256]
+HEAD_DIM_EDGES = [1, 8, 17, 32, 33, 64, 65, 80, 96, 97, 128, 129, 160, 192, 256]
 
 
 @st.composite

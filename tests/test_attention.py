@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import nbflash
 import reference
-from nbflash import interface
+from nbflash import config, interface
 from strategies import DTYPES, Case, cases, make_inputs
 from tolerance import assert_accurate, max_abs_logit, to_numpy64
 from conftest import SIMULATOR
@@ -23,7 +23,7 @@ pytestmark = [MODE]
 DTYPE_NAMES = list(DTYPES)
 #: On a GPU each test runs once per head-dim bucket of the kernels (the compile work
 #: spreads over pytest-xdist workers), sharing the profile's examples per dtype.
-HEAD_DIMS = [None] if SIMULATOR else [(1, 32), (33, 64), (65, 128), (129, 256)]
+HEAD_DIMS = [None] if SIMULATOR else [(1, 32), (33, 64), (65, 96), (97, 128), (129, 256)]
 EXAMPLES = settings(max_examples=max(1, settings.default.max_examples // len(HEAD_DIMS)))
 
 
@@ -94,6 +94,23 @@ def test_forward_regressions(poison, dtype_name, case):
 @given(data=st.data())
 def test_backward(poison, dtype_name, head_dims, data):
     _check_backward(dtype_name, data.draw(cases(SIMULATOR, head_dims), label="case"))
+
+
+#: Head dim 96: its 12 16-byte chunks per row do not divide evenly over the copy
+#: loops' groups of 8 threads (16 or 32 groups on the GPU). Under the simulator the
+#: bucket's tile is replaced by a two-warp one (8 groups) to reach the same path.
+UNEVEN_CHUNKS_CASE = Case(batch=1, seqlen_q=33, seqlen_k=35, nheads_k=1, group=1,
+                          head_dim=90, causal=True, softmax_scale=None, layout="padded",
+                          input_scale=1.0, seed=96)
+
+
+@pytest.mark.parametrize("dtype_name", ["float16"] if SIMULATOR else ["float16", "bfloat16"])
+def test_head_dim_96_uneven_chunk_copies(poison, monkeypatch, dtype_name):
+    if SIMULATOR:
+        monkeypatch.setitem(config.SIMULATOR_MMA_TILE, 96, config.MmaConfig(32, 32, 96, 2))
+    assert config.head_dim_bucket(UNEVEN_CHUNKS_CASE.head_dim) == 96
+    _check_forward(dtype_name, UNEVEN_CHUNKS_CASE)
+    _check_backward(dtype_name, UNEVEN_CHUNKS_CASE)
 
 
 #: Failures hypothesis found, kept as regressions.

@@ -90,7 +90,7 @@ def test_every_configuration_fits(dtype, bucket):
 
 
 def test_head_dim_buckets():
-    assert [config.head_dim_bucket(d) for d in (1, 32, 33, 64, 65, 128, 129, 256)] == \
-        [32, 32, 64, 64, 128, 128, 256, 256]
+    assert [config.head_dim_bucket(d) for d in (1, 32, 33, 64, 65, 96, 97, 128, 129, 256)] == \
+        [32, 32, 64, 64, 96, 96, 128, 128, 256, 256]
     with pytest.raises(ValueError, match="head_dim"):
         config.head_dim_bucket(257)

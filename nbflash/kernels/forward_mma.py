@@ -61,7 +61,10 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
         return offset
 
     GROUPS = NT // 8             # groups of 8 threads; a group copies one chunk of 8 rows
-    assert GROUPS % CHUNKS == 0 or CHUNKS % GROUPS == 0, (GROUPS, CHUNKS)
+    # How a thread walks its chunks: with one count a multiple of the other, its
+    # chunk column (or its row steps) are fixed; otherwise (head dim 96: 12 chunks
+    # over 16 or 32 groups) the (chunk, 8-row block) pairs are dealt out in order.
+    EVEN = GROUPS % CHUNKS == 0 or CHUNKS % GROUPS == 0
 
     def make_loader(rows):
         assert rows % 8 == 0 and (rows * CHUNKS) % NT == 0, (rows, CHUNKS, NT)
@@ -81,7 +84,11 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
             row_stride = src.strides[1]                 # bytes; may be negative
             origin = np.int64(ops.global_addr(src, b, 0, head, 0))
             for it in range(passes):
-                if GROUPS >= CHUNKS:     # each group keeps one chunk, steps over rows
+                if not EVEN:             # pair it * GROUPS + group, chunk-fastest
+                    pair = it * GROUPS + group
+                    ch = pair % CHUNKS
+                    r = (pair // CHUNKS) * 8 + r8
+                elif GROUPS >= CHUNKS:   # each group keeps one chunk, steps over rows
                     ch = group % CHUNKS
                     r = (group // CHUNKS + it * (GROUPS // CHUNKS)) * 8 + r8
                 else:                    # a group steps over chunks, then rows
