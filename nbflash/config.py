@@ -103,7 +103,7 @@ SIMULATOR_TILE = {d: TileConfig(16, 16, d, 32) for d in HEAD_DIM_BUCKETS}
 
 @dataclass(frozen=True)
 class MmaConfig:
-    """Compile-time shape of a tensor-core (mma.sync m16n8k16) kernel.
+    """Compile-time shape of a tensor-core (mma.sync m16n8k16, or m16n8k8 for tf32) kernel.
 
     ``block_m`` query rows per block, split evenly over ``warps`` warps in 16-row
     m-tiles; ``block_n`` keys per K/V tile; ``head_dim`` the head-dim bucket.
@@ -113,6 +113,8 @@ class MmaConfig:
     head_dim: int
     warps: int
     q_in_registers: bool = True
+    #: 2 for float16/bfloat16 tiles, 4 for float32 tiles on tf32 tensor cores.
+    element_bytes: int = 2
 
     @property
     def threads(self):
@@ -123,9 +125,17 @@ class MmaConfig:
         return self.block_m // (16 * self.warps)
 
     @property
+    def v_row(self):
+        """Elements per row of a shared V tile: float32 rows are padded by one 16-byte
+        chunk, which puts the tf32 B operand's 32 lanes (keys 2t, 2t + 1 of column g)
+        in 32 different banks; 16-bit V tiles are chunk-major (read by ldmatrix)."""
+        return self.head_dim + (4 if self.element_bytes == 4 else 0)
+
+    @property
     def forward_shared_bytes(self):
-        """Q and two stages of the K and V tiles, 16-bit elements."""
-        return (self.block_m + 4 * self.block_n) * self.head_dim * 2
+        """Q and two stages of the K and V tiles."""
+        return ((self.block_m + 2 * self.block_n) * self.head_dim
+                + 2 * self.block_n * self.v_row) * self.element_bytes
 
     @property
     def backward_shared_bytes(self):
@@ -149,7 +159,7 @@ class MmaConfig:
 
     def _check_copies_and_shared(self, shared_bytes):
         """Tiles' 16-byte chunks split evenly over the threads, and shared memory fits."""
-        chunks = self.head_dim // 8
+        chunks = self.head_dim * self.element_bytes // 16
         for rows in (self.block_m, self.block_n):
             if (rows * chunks) % self.threads:
                 raise ValueError(f"{rows}-row tiles do not split evenly over threads in {self}")
@@ -193,14 +203,45 @@ SIMULATOR_MMA_TILE = {d: MmaConfig(16, 16, d, 1) for d in HEAD_DIM_BUCKETS}
 #: Input dtypes that run on tensor cores.
 MMA_DTYPES = ("float16", "bfloat16")
 
+#: float32 forward tiles on tf32 tensor cores (mma.sync m16n8k8), per head-dim bucket.
+#: Chosen on the H100 (float32, seqlen 4096, hidden 2048; see benchmarks/NOTES.md).
+FORWARD_TF32_TILES = {
+    32: MmaConfig(128, 64, 32, 4, element_bytes=4),
+    64: MmaConfig(128, 64, 64, 4, q_in_registers=False, element_bytes=4),
+    96: MmaConfig(128, 32, 96, 4, q_in_registers=False, element_bytes=4),
+    128: MmaConfig(128, 32, 128, 4, q_in_registers=False, element_bytes=4),
+    256: MmaConfig(64, 32, 256, 4, q_in_registers=False, element_bytes=4),
+}
+#: Overrides for 3xTF32 (three products, split operands in registers): 128-row tiles
+#: spill at head dims 96 and 128 (28-92 bytes, tests/ptx_check.py).
+FORWARD_TF32X3_TILES = {
+    96: MmaConfig(64, 32, 96, 4, q_in_registers=False, element_bytes=4),
+    128: MmaConfig(64, 32, 128, 4, q_in_registers=False, element_bytes=4),
+}
+SIMULATOR_TF32_TILE = {d: MmaConfig(16, 16, d, 1, element_bytes=4) for d in HEAD_DIM_BUCKETS}
+#: tf32 products per float32 product in the float32 forward. 3 splits each operand
+#: x = big + small into two tf32 values and sums big*big + big*small + small*big
+#: (the small*small term is below float32's rounding): float32 accuracy on tensor
+#: cores, the "3xTF32" of CUTLASS and of PyTorch's memory-efficient backend.
+#: ``attention(..., allow_tf32=True)`` takes 1: one tf32 product, 10-bit operands.
+FLOAT32_PASSES = 3
+
 
 def select_backward_mma(head_dim, simulator=False):
     bucket = head_dim_bucket(head_dim)
     return (SIMULATOR_MMA_TILE if simulator else BACKWARD_MMA_TILES)[bucket]
 
 
-def select_forward_mma(head_dim, simulator=False, causal=False):
+def select_forward_mma(head_dim, simulator=False, causal=False, tf32_passes=0):
+    """Tensor-core forward tiles: float16/bfloat16, or float32 on tf32 products when
+    ``tf32_passes`` (1 or 3) is given."""
     bucket = head_dim_bucket(head_dim)
+    if tf32_passes:
+        if simulator:
+            return SIMULATOR_TF32_TILE[bucket]
+        if tf32_passes == 3 and bucket in FORWARD_TF32X3_TILES:
+            return FORWARD_TF32X3_TILES[bucket]
+        return FORWARD_TF32_TILES[bucket]
     if simulator:
         return SIMULATOR_MMA_TILE[bucket]
     if causal and bucket in FORWARD_MMA_TILES_CAUSAL:

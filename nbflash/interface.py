@@ -57,7 +57,8 @@ def _acc_dtype(name):
     return config.ACCUMULATOR[name]
 
 
-def attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False):
+def attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False,
+              allow_tf32=False):
     """Scaled dot-product attention, computed FlashAttention-style in O(seqlen) memory.
 
     ``out[b, i, h] = sum_j softmax_j(softmax_scale * q[b, i, h] . k[b, j, g]) v[b, j, g]``
@@ -80,6 +81,12 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False):
         softmax_scale: multiplies the scores before the softmax; default
             ``1 / sqrt(headdim)``.
         return_lse: also return the log-sum-exp of each row's scaled scores.
+        allow_tf32: for float32 inputs, round q, k, v and the probabilities to tf32
+            (10 mantissa bits, as ``torch.backends.cuda.matmul.allow_tf32``) and take
+            one tensor-core product each: about 3x the speed, with errors of about
+            1e-3 relative to the values' size instead of float32's 1e-7. By default
+            float32 runs on tensor cores too, with each operand split into two tf32
+            parts and three products (float32 accuracy). Ignored for other dtypes.
 
     Returns:
         ``out`` with q's shape and dtype (contiguous), or ``(out, lse)`` where
@@ -89,10 +96,10 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False):
 
     Launches on CuPy's current stream and returns without synchronising.
     """
-    key = _forward_key(q, k, v, causal, softmax_scale, return_lse)
+    key = _forward_key(q, k, v, causal, softmax_scale, return_lse, allow_tf32)
     plan = _plans.get(key)
     if plan is None or not plan.is_current():
-        plan = _plan_forward(q, k, v, causal, softmax_scale, return_lse)
+        plan = _plan_forward(q, k, v, causal, softmax_scale, return_lse, allow_tf32)
         _remember(key, plan)
     return plan(q, k, v)
 
@@ -128,15 +135,15 @@ else:
         return None
 
 
-def _forward_key(q, k, v, causal, softmax_scale, return_lse):
+def _forward_key(q, k, v, causal, softmax_scale, return_lse, allow_tf32=False):
     """The plan key of an attention call, or None (no plan kept: validated every call)
     unless q, k, v are of the array type itself, the flags bools and the scale None or
     a plain number."""
     if (type(q) is _ARRAY and type(k) is _ARRAY and type(v) is _ARRAY
             and type(causal) is bool and type(return_lse) is bool
-            and type(softmax_scale) in _KEY_SCALES):
+            and type(allow_tf32) is bool and type(softmax_scale) in _KEY_SCALES):
         return (_array_key(q), _array_key(k), _array_key(v), causal, return_lse,
-                softmax_scale, _device_id())
+                allow_tf32, softmax_scale, _device_id())
     return None
 
 
@@ -149,14 +156,16 @@ def _remember(key, plan):
         _plans[key] = plan
 
 
-def _plan_forward(q, k, v, causal, softmax_scale, return_lse):
+def _plan_forward(q, k, v, causal, softmax_scale, return_lse, allow_tf32=False):
     """Validates an attention call, raising TypeError or ValueError naming the bad
     argument, and plans it."""
     (batch, seqlen_q, _, nheads, _, head_dim), scale = _check_inputs(
         q, k, v, causal, softmax_scale)
     _validate.check_flag("return_lse", return_lse)
+    _validate.check_flag("allow_tf32", allow_tf32)
     name = _validate.dtype_name(q.dtype)
-    launch = _forward(q, k, v, causal, scale, name) if batch and seqlen_q and nheads else None
+    launch = (_forward(q, k, v, causal, scale, name, allow_tf32)
+              if batch and seqlen_q and nheads else None)
     return _ForwardPlan((batch, seqlen_q, nheads, head_dim), q.dtype,
                         (batch, nheads, seqlen_q), _acc_dtype(name), return_lse, launch)
 
@@ -197,13 +206,14 @@ class _ForwardLaunch:
     with blank data pointers. On a GPU the arrays themselves are flattened, not uint16
     views of them: a view differs only in its dtype, and the ABI holds the itemsize.
     """
-    __slots__ = ("name", "head_dim", "causal", "cfg", "kernel", "grid", "block", "storage",
-                 "scalar", "relayout", "args")
+    __slots__ = ("name", "head_dim", "causal", "allow_tf32", "cfg", "kernel", "grid", "block",
+                 "storage", "scalar", "relayout", "args")
 
-    def __init__(self, name, cfg, kernel, q, k, v, causal, storage, acc, scalar, relayout=()):
+    def __init__(self, name, cfg, kernel, q, k, v, causal, storage, acc, scalar, relayout=(),
+                 allow_tf32=False):
         batch, seqlen_q, nheads, head_dim = q.shape
         self.name, self.head_dim, self.cfg, self.kernel = name, head_dim, cfg, kernel
-        self.causal = causal
+        self.causal, self.allow_tf32 = causal, allow_tf32
         self.grid = (_cdiv(seqlen_q, cfg.block_m), nheads, batch)
         self.block = (cfg.threads,)
         self.storage, self.scalar = storage, scalar
@@ -217,7 +227,7 @@ class _ForwardLaunch:
             scalar])
 
     def is_current(self):
-        cfg = _forward_config(self.name, self.head_dim, self.causal)
+        cfg = _forward_config(self.name, self.head_dim, self.causal, self.allow_tf32)
         return cfg is self.cfg or cfg == self.cfg
 
     def __call__(self, q, k, v, out, lse):
@@ -233,18 +243,30 @@ class _ForwardLaunch:
         self.kernel(self.grid, self.block, args)
 
 
-def _forward_config(name, head_dim, causal):
-    """The forward's tiles: tensor cores for float16 and bfloat16, SIMT otherwise."""
+def _float32_passes(allow_tf32):
+    """tf32 products per float32 product in the forward (0: the exact SIMT kernel)."""
+    return 1 if allow_tf32 else config.FLOAT32_PASSES
+
+
+def _forward_config(name, head_dim, causal, allow_tf32=False):
+    """The forward's tiles: tensor cores for float16 and bfloat16, tf32 tensor cores
+    for float32 (unless FLOAT32_PASSES is 0 and tf32 is not allowed), SIMT otherwise."""
     if name in config.MMA_DTYPES:
         return config.select_forward_mma(head_dim, ops.SIMULATOR, causal)
+    if name == "float32" and _float32_passes(allow_tf32):
+        return config.select_forward_mma(head_dim, ops.SIMULATOR, causal,
+                                         _float32_passes(allow_tf32))
     return config.select_forward(name, head_dim, ops.SIMULATOR)
 
 
-def _forward(q, k, v, causal, scale, name):
+def _forward(q, k, v, causal, scale, name, allow_tf32=False):
     """The forward's launch for valid q, k, v with at least one query row."""
-    cfg = _forward_config(name, q.shape[3], causal)
+    cfg = _forward_config(name, q.shape[3], causal, allow_tf32)
     if name in config.MMA_DTYPES:
         return _forward_mma(cfg, q, k, v, causal, scale, name)
+    if name == "float32" and _float32_passes(allow_tf32):
+        return _forward_mma(cfg, q, k, v, causal, scale, name, _float32_passes(allow_tf32),
+                            allow_tf32)
     elements = config.forward_shared_elements(cfg)
     nbytes = config.check_fits(cfg, elements, name)
     acc = _acc_dtype(name)
@@ -293,18 +315,19 @@ def _chunk_copy_spec(x):
     return ArraySpec.contiguous((b, s, h, _cdiv(d, 8) * 8), x.itemsize)
 
 
-def _forward_mma(cfg, q, k, v, causal, scale, name):
+def _forward_mma(cfg, q, k, v, causal, scale, name, passes=1, allow_tf32=False):
     cfg.check()
     scale_log2 = np.float32(scale * LOG2E)
-    signature = ([array_type(np.uint16, 4)] * 3 + [array_type(config.STORAGE[name], 4),
+    tile = np.float32 if name == "float32" else np.uint16     # what the tiles copy
+    signature = ([array_type(tile, 4)] * 3 + [array_type(config.STORAGE[name], 4),
                  array_type(np.float32, 3), scalar_type(scale_log2)])
-    kernel = get_kernel(("forward_mma", cfg, name, causal),
-                        lambda: build_forward_mma(cfg, name, causal), signature,
+    kernel = get_kernel(("forward_mma", cfg, name, causal, passes),
+                        lambda: build_forward_mma(cfg, name, causal, passes), signature,
                         cfg.forward_shared_bytes)
     relayout = tuple(not _chunk_ready(x) for x in (q, k, v))
-    storage = (np.uint16,) * 3 + (config.STORAGE[name],)
+    storage = (tile,) * 3 + (config.STORAGE[name],)
     return _ForwardLaunch(name, cfg, kernel, q, k, v, causal, storage, np.float32, scale_log2,
-                          relayout)
+                          relayout, allow_tf32)
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None,

@@ -29,6 +29,8 @@ def jobs(dtypes=("float16", "bfloat16"), head_dims=(64, 128), causal=(False, Tru
     for dtype, d, c in itertools.product(dtypes, head_dims, causal):
         if forward:
             out.append(("forward", dtype, d, c, False))
+            if dtype == "float32":      # and its allow_tf32=True kernel
+                out.append(("forward_tf32", dtype, d, c, False))
         if backward:
             out.extend(("backward", dtype, d, c, det) for det in deterministic)
     return out
@@ -50,8 +52,8 @@ def compile_one(job):
     shape = (1, 16, 1, head_dim)
     q, k, v = (xp.asarray(np.full(shape, 0.5, dtype)) for _ in range(3))
     start = time.perf_counter()
-    if what == "forward":
-        nbflash.attention(q, k, v, causal=causal)
+    if what in ("forward", "forward_tf32"):
+        nbflash.attention(q, k, v, causal=causal, allow_tf32=what == "forward_tf32")
     else:
         lse = xp.zeros((1, 1, 16), config.ACCUMULATOR[dtype_name])
         nbflash.attention_backward(q, q, k, v, q, lse, causal=causal,
@@ -77,7 +79,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=DTYPES)
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128],
-                   help="head dims (each compiles its bucket: 32, 64, 128 or 256)")
+                   help="head dims (each compiles its bucket: 32, 64, 96, 128 or 256)")
     p.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     p.add_argument("--no-backward", action="store_true")
     p.add_argument("--deterministic", choices=["no", "both", "yes"], default="no",

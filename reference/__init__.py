@@ -11,6 +11,7 @@ from .attention import (
     attention_backward_magnitudes,
     causal_mask,
     naive_attention,
+    tf32_round,
     naive_attention_backward,
 )
 from .tiled import flash_backward, flash_forward, key_tile_range, query_tile_range
@@ -21,6 +22,7 @@ __all__ = [
     "attention_backward_magnitudes",
     "causal_mask",
     "naive_attention",
+    "tf32_round",
     "naive_attention_backward",
     "flash_forward",
     "flash_backward",

@@ -41,6 +41,7 @@ __all__ = [
     "attention",
     "attention_backward",
     "naive_attention",
+    "tf32_round",
     "naive_attention_backward",
 ]
 
@@ -261,10 +262,21 @@ def _rounder(dtype, acc):
     return lambda x: x.astype(dtype).astype(acc)
 
 
-def _naive_forward_parts(q, k, v, causal, softmax_scale):
-    """Naive forward; returns intermediates (values are dtype-representable, held in acc)."""
+def tf32_round(x):
+    """float32 values rounded to tf32 (10 mantissa bits, to nearest, ties away from
+    zero), as float32: what a tf32 tensor-core product reads of its operands."""
+    x = np.asarray(x, np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x1000) & 0xFFFFE000).astype(np.uint32).view(np.float32)
+    return np.where(np.isfinite(x), r, x)
+
+
+def _naive_forward_parts(q, k, v, causal, softmax_scale, tf32=False):
+    """Naive forward; returns intermediates (values are dtype-representable, held in acc).
+    ``tf32``: the operands of both products are rounded to tf32 first."""
     dtype, acc = _precisions(q.dtype)
     rnd = _rounder(dtype, acc)
+    operand = tf32_round if tf32 else (lambda x: x)
     nheads = q.shape[2]
     scale = _scale(softmax_scale, q.shape[-1])
 
@@ -272,7 +284,7 @@ def _naive_forward_parts(q, k, v, causal, softmax_scale):
     ka = _to_bhsd(_expand_kv(np.asarray(k).astype(acc), nheads))
     va = _to_bhsd(_expand_kv(np.asarray(v).astype(acc), nheads))
 
-    s = rnd(np.matmul(qa, np.swapaxes(ka, -1, -2)))                  # q @ k^T
+    s = rnd(np.matmul(operand(qa), np.swapaxes(operand(ka), -1, -2)))  # q @ k^T
     s = rnd(s * acc.type(scale))                                      # * scale
     mask = _mask(q.shape[1], k.shape[1], causal)
     if mask is not None:
@@ -283,13 +295,13 @@ def _naive_forward_parts(q, k, v, causal, softmax_scale):
     e = rnd(np.exp(x))                                                # exp
     l = rnd(e.sum(axis=-1))                                           # row sum
     p = rnd(_safe_div(e, l))                                          # normalisation
-    o = rnd(np.matmul(p, va))                                         # P @ V
+    o = rnd(np.matmul(operand(p), operand(va)))                       # P @ V
     lse = m_safe + _safe_log(l)                                       # from rounded m, l
     return dict(dtype=dtype, acc=acc, rnd=rnd, scale=scale,
                 qa=qa, ka=ka, va=va, p=p, o=o, lse=lse)
 
 
-def naive_attention(q, k, v, *, causal=False, softmax_scale=None):
+def naive_attention(q, k, v, *, causal=False, softmax_scale=None, tf32=False):
     """Attention computed "as a user writes it" in the input dtype.
 
     Every intermediate is rounded to q.dtype: S = q @ k^T (float32 accumulation,
@@ -300,8 +312,12 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None):
     Returns (out (B, Sq, H, D) in q.dtype, lse (B, H, Sq) float32, or float64
     for float64 inputs), with lse = rowmax + log(rowsum) from the rounded values.
     For float64 inputs this agrees with ``attention`` to rounding error.
+
+    ``tf32`` (float32 inputs): q, k, v and P are rounded to tf32 before the products,
+    as with ``torch.backends.cuda.matmul.allow_tf32``; the baseline of
+    ``nbflash.attention(..., allow_tf32=True)``.
     """
-    parts = _naive_forward_parts(q, k, v, causal, softmax_scale)
+    parts = _naive_forward_parts(q, k, v, causal, softmax_scale, tf32)
     out = _from_bhsd(parts["o"]).astype(parts["dtype"])
     return out, parts["lse"].astype(parts["acc"])
 

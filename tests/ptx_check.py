@@ -72,6 +72,15 @@ def kernels():
                 yield (f"backward_mma {dtype} d{bucket} {'causal' if causal else 'full'} "
                        f"{bcfg.block_m}x{bcfg.block_n}x{bcfg.warps}w",
                        build_backward_mma(bcfg, dtype, causal), tuple(sig))
+    for bucket in config.HEAD_DIM_BUCKETS:
+        for causal in (False, True):
+            sig = [array_type("float32", 4)] * 4 + [array_type("float32", 3), f32]
+            for passes in (1, 3):
+                cfg = config.select_forward_mma(bucket, causal=causal, tf32_passes=passes)
+                yield (f"forward_mma float32 tf32x{passes} d{bucket} "
+                       f"{'causal' if causal else 'full'} "
+                       f"{cfg.block_m}x{cfg.block_n}x{cfg.warps}w",
+                       build_forward_mma(cfg, "float32", causal, passes), tuple(sig))
 
 
 def main(names=None):
@@ -108,7 +117,13 @@ def every_dispatcher():
                     for det in (False, True):
                         yield build_backward_mma(config.select_backward_mma(d), dt, causal, det)
                 else:
-                    yield build_forward(config.select_forward(dt, d), dt, causal)
+                    if dt == "float32":
+                        for passes in {1, config.FLOAT32_PASSES} - {0}:
+                            cfg = config.select_forward_mma(d, causal=causal,
+                                                            tf32_passes=passes)
+                            yield build_forward_mma(cfg, dt, causal, passes)
+                    if dt == "float64" or not config.FLOAT32_PASSES:
+                        yield build_forward(config.select_forward(dt, d), dt, causal)
                     for det in (False, True):
                         yield build_backward(config.select_backward(dt, d), dt, causal, det)
 

@@ -277,6 +277,12 @@ def test_bad_backward_only(no_launch, no_alloc, over, exc, match, request):
         call("attention_backward", request.node.name, **over)
 
 
+@pytest.mark.parametrize("value", [None, 1, "True"], ids=["None", "1", "str"])
+def test_bad_allow_tf32(no_launch, no_alloc, value, request):
+    with pytest.raises(TypeError, match=r"^allow_tf32 must be True or False"):
+        call("attention", request.node.name, allow_tf32=value)
+
+
 def test_return_lse_is_not_a_backward_keyword():
     with pytest.raises(TypeError, match="return_lse"):
         call("attention_backward", "bwd-return_lse", return_lse=True)

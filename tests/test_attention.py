@@ -44,16 +44,26 @@ def test_forward(poison, dtype_name, head_dims, data):
     _check_forward(dtype_name, data.draw(cases(SIMULATOR, head_dims), label="case"))
 
 
-def _check_forward(dtype_name, case):
+@pytest.mark.parametrize("head_dims", HEAD_DIMS, ids=str)
+@EXAMPLES
+@given(data=st.data())
+def test_forward_allow_tf32(poison, head_dims, data):
+    """float32 with allow_tf32=True, held to the rule against plain attention whose two
+    products take tf32-rounded operands (reference.naive_attention(tf32=True))."""
+    _check_forward("float32", data.draw(cases(SIMULATOR, head_dims), label="case"),
+                   allow_tf32=True)
+
+
+def _check_forward(dtype_name, case, allow_tf32=False):
     (q, k, v), (dq, dk, dv) = make_inputs(case, dtype_name, interface.xp)
-    out, lse = nbflash.attention(dq, dk, dv, causal=case.causal,
+    out, lse = nbflash.attention(dq, dk, dv, causal=case.causal, allow_tf32=allow_tf32,
                                  softmax_scale=case.softmax_scale, return_lse=True)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.shape == (case.batch, case.nheads, case.seqlen_q)
     assert lse.dtype == (np.float64 if dtype_name == "float64" else np.float32)
     kw = dict(causal=case.causal, softmax_scale=case.softmax_scale)
     exact_out, exact_lse = reference.attention(q, k, v, **kw)
-    naive_out, naive_lse = reference.naive_attention(q, k, v, **kw)
+    naive_out, naive_lse = reference.naive_attention(q, k, v, tf32=allow_tf32, **kw)
     n = max(case.seqlen_k, case.head_dim)
     logit = max_abs_logit(q, k, case.softmax_scale)
     assert_accurate("out", out, exact_out, naive_out, dtype_name, n, logit)

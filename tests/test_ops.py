@@ -11,6 +11,7 @@ from numba import cuda, from_dtype
 
 from nbflash import ops
 from nbflash.interface import xp
+from reference import tf32_round
 
 U16, F32 = from_dtype(np.uint16), from_dtype(np.float32)   # the simulator needs Numba types
 KINDS = {"float16": (np.float16, ops.mma_f16, ops.pack_f16x2, ops.unpack_f16x2),
@@ -148,3 +149,68 @@ def test_red_add_f32x2_sums_pairs_from_every_thread():
         expected[0, row, 0, col:col + 2] += values[i]
     get = (lambda x: x.get()) if hasattr(acc, "get") else np.asarray
     np.testing.assert_array_equal(get(acc), expected)
+
+
+def test_tf32_fragments_and_mma():
+    """m16n8k8 tf32: A (16x8) and two 8-key n-tiles of K by ldmatrix on float32 rows,
+    V's B operand (B[t][g], B[t + 4][g]) by 32-bit shared loads; every operand rounded
+    by to_tf32."""
+    @cuda.jit
+    def kernel(a, k, v, ak, av, rounded, samples):
+        lane = cuda.threadIdx.x
+        smem = cuda.shared.array(0, F32)
+        base = ops.smem_addr(smem, 0)
+        # A: 16 rows, K: 16 rows, V: 8 rows, each of 8 float32 (two 16-byte chunks).
+        for t, src, rows in ((0, a, 16), (1, k, 16), (2, v, 8)):
+            if lane < 2 * rows:
+                row = lane >> 1
+                col = (lane & 1) * 4
+                ops.cp_async_16(base + 4 * (t * 128 + row * 8 + col),
+                                ops.global_addr(src, 0, row, 0, col), np.uint32(16))
+        ops.cp_async_commit()
+        ops.cp_async_wait(0)
+        cuda.syncthreads()
+        mat = lane >> 3
+        r8 = lane & 7
+        fa = ops.ldmatrix_x4(base + 4 * (((mat & 1) * 8 + r8) * 8 + (mat >> 1) * 4))
+        fk = ops.ldmatrix_x4(base + 4 * (128 + ((mat >> 1) * 8 + r8) * 8 + (mat & 1) * 4))
+        g = lane >> 2
+        t = lane & 3
+        qa = cuda.local.array(4, np.uint32)
+        for i in range(4):
+            qa[i] = ops.to_tf32(ops.u32_as_f32(fa[i]))
+        v0 = ops.to_tf32(ops.u32_as_f32(ops.ld_shared_u32(base + 4 * (256 + t * 8 + g))))
+        v1 = ops.to_tf32(ops.u32_as_f32(ops.ld_shared_u32(base + 4 * (256 + (t + 4) * 8 + g))))
+        zero = np.float32(0.0)
+        for half in range(2):
+            kb0 = ops.to_tf32(ops.u32_as_f32(fk[2 * half]))
+            kb1 = ops.to_tf32(ops.u32_as_f32(fk[2 * half + 1]))
+            ck = ops.mma_tf32(qa[0], qa[1], qa[2], qa[3], kb0, kb1, zero, zero, zero, zero)
+            for i in range(4):
+                ak[g + 8 * (i >> 1), half * 8 + 2 * t + (i & 1)] = ck[i]
+        cv = ops.mma_tf32(qa[0], qa[1], qa[2], qa[3], v0, v1, zero, zero, zero, zero)
+        for i in range(4):
+            av[g + 8 * (i >> 1), 2 * t + (i & 1)] = cv[i]
+        rounded[lane] = ops.u32_as_f32(ops.to_tf32(samples[lane]))
+
+    rng = np.random.default_rng(8)
+    host = [rng.standard_normal((1, n, 1, 8)).astype(np.float32) for n in (16, 16, 8)]
+    a, k, v = (xp.asarray(x) for x in host)
+    ak = xp.full((16, 16), np.nan, np.float32)
+    av = xp.full((16, 8), np.nan, np.float32)
+    # Values a quarter, half (a tie) and three quarters of a tf32 unit above 1.5,
+    # both signs, and random ones.
+    one_and_half = np.float32(1.5).view(np.uint32)
+    ties = np.array([one_and_half + d for d in (0x800, 0x1000, 0x1800, 0x1FFF)],
+                    np.uint32).view(np.float32)
+    sample_host = np.concatenate([ties, -ties, rng.standard_normal(24).astype(np.float32)])
+    samples = xp.asarray(sample_host)
+    rounded = xp.full(32, np.nan, np.float32)
+    kernel[1, 32, 0, 40 * 8 * 4](a, k, v, ak, av, rounded, samples)
+    get = (lambda x: x.get()) if hasattr(ak, "get") else np.asarray
+    A, K, V = (tf32_round(x[0, :, 0, :]).astype(np.float64) for x in host)
+    # tf32 products are exact in float32; only the sums round.
+    np.testing.assert_allclose(get(ak), A @ K.T, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(get(av), A @ V, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(get(rounded), tf32_round(sample_host))
+    assert get(rounded)[1] == np.uint32(one_and_half + 0x2000).view(np.float32)  # tie: away

@@ -40,23 +40,27 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
     """Device functions shared by the tensor-core kernels for one configuration:
     ``(make_loader, make_offset, mma, pack)``.
 
-    Shared-memory tiles of 16-bit elements are stored chunk-major: the 16-byte chunk
-    c (8 elements) of row r sits at chunk slot ``c * rows + r``. The 8 rows that one
-    ``ldmatrix`` matrix reads are then 128 contiguous bytes (no bank conflicts, no
-    swizzle), and stepping to the next 16 rows or 16 columns adds a compile-time
+    Shared-memory tiles are stored chunk-major: the 16-byte chunk c (8 16-bit or 4
+    float32 elements) of row r sits at chunk slot ``c * rows + r``. The 8 rows that
+    one ``ldmatrix`` matrix reads are then 128 contiguous bytes (no bank conflicts,
+    no swizzle), and stepping to the next 16 rows or columns adds a compile-time
     constant to the lane's address, which folds into the instruction: a row-major
     tile needs an XOR swizzle whose per-step addresses cost registers.
     """
     D, NT = cfg.head_dim, cfg.threads
-    CHUNKS = D // 8
-    mma = ops.mma_f16 if dtype_name == "float16" else ops.mma_bf16
+    ES = 4 if dtype_name == "float32" else 2     # bytes per element
+    assert ES == cfg.element_bytes, (cfg, dtype_name)
+    EC = 16 // ES                                # elements per 16-byte chunk
+    CHUNKS = D // EC
+    SHIFT = EC.bit_length() - 1
+    mma = {"float16": ops.mma_f16, "bfloat16": ops.mma_bf16, "float32": ops.mma_tf32}[dtype_name]
     pack = ops.pack_f16x2 if dtype_name == "float16" else ops.pack_bf16x2
 
     def make_offset(rows):
         @device
         def offset(row, col):
             """Element offset of (row, col) in a chunk-major tile of ``rows`` rows."""
-            return ((col >> 3) * rows + row) * 8 + (col & 7)
+            return ((col >> SHIFT) * rows + row) * EC + (col & (EC - 1))
 
         return offset
 
@@ -66,10 +70,11 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
     # over 16 or 32 groups) the (chunk, 8-row block) pairs are dealt out in order.
     EVEN = GROUPS % CHUNKS == 0 or CHUNKS % GROUPS == 0
 
-    def make_loader(rows):
+    def make_loader(rows, offset=None):
+        """``offset``: the tile's layout, chunk-major unless given."""
         assert rows % 8 == 0 and (rows * CHUNKS) % NT == 0, (rows, CHUNKS, NT)
         passes = rows * CHUNKS // NT
-        offset = make_offset(rows)
+        offset = offset or make_offset(rows)
 
         def load_tile_async(smem_base, base, src, b, row0, n_rows, head, head_dim, tid):
             """cp.async of rows [row0, row0 + rows) of src[b, :, head, :] into the tile at
@@ -95,11 +100,11 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
                     ch = group + (it % (CHUNKS // GROUPS)) * GROUPS
                     r = (it // (CHUNKS // GROUPS)) * 8 + r8
                 row = row0 + r
-                inside = row < n_rows and ch * 8 < head_dim
+                inside = row < n_rows and ch * EC < head_dim
                 # A zero-byte copy reads nothing, but its address must still be valid.
                 src_row = row if row < n_rows else n_rows - 1
                 src_byte = ch * 16 if inside else 0
-                dst = smem_base + 2 * (base + offset(r, ch * 8))
+                dst = smem_base + ES * (base + offset(r, ch * EC))
                 ops.cp_async_16(dst, np.uint64(origin + src_row * row_stride + src_byte),
                                 np.uint32(16) if inside else np.uint32(0))
 
@@ -109,19 +114,30 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
+def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int = 1):
     """The tensor-core forward kernel ``(q, k, v, o, lse, scale_log2)``.
 
-    q, k, v are the inputs viewed as uint16; o is in its storage type. Launch with grid
-    ``(ceil(seqlen_q / block_m), nheads, batch)``, ``cfg.threads`` threads and
-    ``cfg.forward_shared_bytes`` bytes of dynamic shared memory.
+    q, k, v are the inputs viewed as uint16 (float32 for ``dtype_name`` float32); o is
+    in its storage type. Launch with grid ``(ceil(seqlen_q / block_m), nheads, batch)``,
+    ``cfg.threads`` threads and ``cfg.forward_shared_bytes`` bytes of dynamic shared
+    memory.
+
+    float32 runs on tf32 tensor cores (m16n8k8), the same algorithm with a k-step of
+    8: with ``passes=1`` every operand is rounded to tf32; with ``passes=3`` each is
+    split into a tf32 ``big`` and the tf32 rounding of its remainder ``small``, and
+    a product is ``small*big + big*small + big*big`` (3xTF32, float32 accuracy).
     """
     BM, BN, D, NT = cfg.block_m, cfg.block_n, cfg.head_dim, cfg.threads
+    TF32 = dtype_name == "float32"
+    assert passes in ((1, 3) if TF32 else (1,)), (dtype_name, passes)
+    SPLIT = passes == 3
+    ES = cfg.element_bytes                 # bytes per element in shared memory
+    KW = 8 if TF32 else 16                 # the mma's k: 8 tf32 or 16 16-bit values
     MT = cfg.m_tiles                       # 16-row m-tiles per warp
     WM = 16 * MT                           # query rows per warp
-    KS = D // 16                           # k-steps of 16 over the head dim (S = Q K^T)
+    KS = D // KW                           # k-steps over the head dim (S = Q K^T)
     NS = BN // 8                           # 8-key n-tiles of S
-    KP = BN // 16                          # k-steps of 16 over the keys (O += P V)
+    KP = BN // KW                          # k-steps over the keys (O += P V)
     DT = D // 8                            # 8-column n-tiles of O
     Q_IN_REGS = cfg.q_in_registers
     QF_STEPS = KS if Q_IN_REGS else 1      # k-steps of Q fragments held at once
@@ -133,40 +149,70 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
     MINUS_INF = np.float32(NEG_INF)
     LN2_32 = np.float32(LN2)
 
-    # Shared memory in 16-bit elements: Q, then two stages of K, then two of V. A
-    # stage's tiles are at OFF_K + stage * STAGE and OFF_V + stage * STAGE.
-    STAGE = BN * D
+    # Shared memory in elements: Q, then two stages of K, then two of V. Stage st's
+    # tiles are at OFF_K + st * K_STAGE and OFF_V + st * V_STAGE.
+    VROW = cfg.v_row
+    K_STAGE = BN * D
+    V_STAGE = BN * VROW
     OFF_Q = 0
     OFF_K = OFF_Q + BM * D
-    OFF_V = OFF_K + 2 * STAGE
-    assert (OFF_V + 2 * STAGE) * 2 == cfg.forward_shared_bytes
+    OFF_V = OFF_K + 2 * K_STAGE
+    assert (OFF_V + 2 * V_STAGE) * ES == cfg.forward_shared_bytes
 
     make_loader, make_offset, mma, pack = make_mma_tile_ops(cfg, dtype_name)
     load_q = make_loader(BM)
-    load_kv = make_loader(BN)
+    load_k = make_loader(BN)
     q_offset = make_offset(BM)
-    kv_offset = make_offset(BN)
+    k_offset = make_offset(BN)
+    if TF32:
+        # P V's B operand is V[2t][g], V[2t + 1][g]: no ldmatrix.trans for 32-bit
+        # values, so V rows are plain (padded) rows read one value at a time.
+        @device
+        def v_offset(row, col):
+            return row * VROW + col
+
+        load_v = make_loader(BN, v_offset)
+    else:
+        v_offset = k_offset
+        load_v = load_k
     _, from_acc = element_codec(dtype_name)
 
-    def load_q_fragment(qf, kk, smem_base, warp, lane):
-        """Q's A-fragments for k-step kk (16 head-dim columns) of this warp's rows."""
+    @device
+    def operand(bits):
+        """One register of an mma operand from raw loaded bits: tf32-rounded for float32
+        (16-bit values are used as loaded)."""
+        return ops.to_tf32(ops.u32_as_f32(bits)) if TF32 else bits
+
+    @device
+    def remainder(bits, big):
+        """The tf32 rounding of (value - big): the 3xTF32 split's small part."""
+        return ops.to_tf32(ops.u32_as_f32(bits) - ops.u32_as_f32(big))
+
+    def load_q_fragment(qf, ql, kk, smem_base, warp, lane):
+        """Q's A-fragments for k-step kk (KW head-dim columns) of this warp's rows (and
+        their small parts ``ql`` when split)."""
         mat = lane >> 3
-        col = kk * 16 + (mat >> 1) * 8
+        col = kk * KW + (mat >> 1) * (KW // 2)
+        slot = kk if Q_IN_REGS else 0
         for mt in range(MT):
             row = warp * WM + mt * 16 + (mat & 1) * 8 + (lane & 7)
-            a = ops.ldmatrix_x4(smem_base + 2 * (OFF_Q + q_offset(row, col)))
+            a = ops.ldmatrix_x4(smem_base + ES * (OFF_Q + q_offset(row, col)))
             for i in range(4):
-                qf[mt, kk if Q_IN_REGS else 0, i] = a[i]
+                big = operand(a[i])
+                qf[mt, slot, i] = big
+                if SPLIT:
+                    ql[mt, slot, i] = remainder(a[i], big)
 
     load_q_fragment_d = device(load_q_fragment)
 
-    def load_q_step(kk, qf, smem_base, warp, lane):
-        load_q_fragment_d(qf, kk, smem_base, warp, lane)
+    def load_q_step(kk, qf, ql, smem_base, warp, lane):
+        load_q_fragment_d(qf, ql, kk, smem_base, warp, lane)
 
     load_q_fragments = static_loop(KS, device(load_q_step))
 
-    def qk_step(step, s, qf, smem_base, kv_base, warp, lane):
-        """One 16-dim by 16-key step of S = Q K_j^T: an ldmatrix of K, two mma per m-tile.
+    def qk_step(step, s, qf, ql, smem_base, k_base, warp, lane):
+        """One KW-dim by 16-key step of S = Q K_j^T: an ldmatrix of K, two mma per m-tile
+        (three each when split).
 
         s[mt, nt] holds rows g, g+8 and keys 2t, 2t+1 of the 16x8 tile (mt, nt). With
         Q_IN_REGS the Q fragments were loaded once per block; otherwise (large head
@@ -175,30 +221,43 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         kk = step // (NS // 2)
         nt2 = step - kk * (NS // 2)
         if not Q_IN_REGS and nt2 == 0:
-            load_q_fragment_d(qf, kk, smem_base, warp, lane)
+            load_q_fragment_d(qf, ql, kk, smem_base, warp, lane)
         q_kk = kk if Q_IN_REGS else 0
         mat = lane >> 3
         row = nt2 * 16 + (mat >> 1) * 8 + (lane & 7)
-        col = kk * 16 + (mat & 1) * 8
-        b = ops.ldmatrix_x4(kv_base + 2 * (OFF_K + kv_offset(row, col)))
+        col = kk * KW + (mat & 1) * (KW // 2)
+        b = ops.ldmatrix_x4(k_base + ES * k_offset(row, col))
+        kb = cuda.local.array(4, np.uint32)
+        kl = cuda.local.array(4, np.uint32)
+        for i in range(4):
+            kb[i] = operand(b[i])
+            if SPLIT:
+                kl[i] = remainder(b[i], kb[i])
         for mt in range(MT):
             for half in range(2):
                 nt = 2 * nt2 + half
+                c = (s[mt, nt, 0], s[mt, nt, 1], s[mt, nt, 2], s[mt, nt, 3])
+                if SPLIT:       # the small terms first, while the sum is small
+                    c = mma(ql[mt, q_kk, 0], ql[mt, q_kk, 1], ql[mt, q_kk, 2],
+                            ql[mt, q_kk, 3], kb[2 * half], kb[2 * half + 1],
+                            c[0], c[1], c[2], c[3])
+                    c = mma(qf[mt, q_kk, 0], qf[mt, q_kk, 1], qf[mt, q_kk, 2],
+                            qf[mt, q_kk, 3], kl[2 * half], kl[2 * half + 1],
+                            c[0], c[1], c[2], c[3])
                 c = mma(qf[mt, q_kk, 0], qf[mt, q_kk, 1], qf[mt, q_kk, 2], qf[mt, q_kk, 3],
-                        b[2 * half], b[2 * half + 1],
-                        s[mt, nt, 0], s[mt, nt, 1], s[mt, nt, 2], s[mt, nt, 3])
+                        kb[2 * half], kb[2 * half + 1], c[0], c[1], c[2], c[3])
                 for i in range(4):
                     s[mt, nt, i] = c[i]
 
     qk_steps = static_loop(NS // 2 * KS, device(qk_step))
 
-    def scores(s, qf, smem_base, kv_base, warp, lane):
-        """s = Q K_j^T as mma accumulators; K_j's stage starts at ``kv_base``."""
+    def scores(s, qf, ql, smem_base, k_base, warp, lane):
+        """s = Q K_j^T as mma accumulators; K_j's tile starts at ``k_base``."""
         for mt in range(MT):
             for nt in range(NS):
                 for i in range(4):
                     s[mt, nt, i] = ZERO
-        qk_steps(s, qf, smem_base, kv_base, warp, lane)
+        qk_steps(s, qf, ql, smem_base, k_base, warp, lane)
 
     def apply_mask(s, row0, n0, seqlen_q, seqlen_k, lane):
         """-inf for keys past seqlen_k and, when causal, above the diagonal."""
@@ -274,7 +333,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
             pf[mt, step, 2] = pack(s[mt, 2 * step + 1, 0], s[mt, 2 * step + 1, 1])
             pf[mt, step, 3] = pack(s[mt, 2 * step + 1, 2], s[mt, 2 * step + 1, 3])
 
-    def pv_step(step, o, pf, kv_base, lane):
+    def pv_step(step, o, pf, v_base, lane):
         """One 16-key by 16-column step of O += P V_j: an ldmatrix.trans of V, two mma
         per m-tile."""
         kk = step // (DT // 2)
@@ -282,7 +341,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         mat = lane >> 3
         row = kk * 16 + (mat & 1) * 8 + (lane & 7)
         col = dt2 * 16 + (mat >> 1) * 8
-        vb = ops.ldmatrix_x4_trans(kv_base + 2 * (OFF_V + kv_offset(row, col)))
+        vb = ops.ldmatrix_x4_trans(v_base + ES * v_offset(row, col))
         for mt in range(MT):
             for half in range(2):
                 dt = 2 * dt2 + half
@@ -292,14 +351,67 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
                 for i in range(4):
                     o[mt, dt, i] = c[i]
 
-    pack_p_steps = static_loop(KP, device(pack_p))
-    pv_steps = static_loop(KP * DT // 2, device(pv_step))
+    # tf32: the k-step of P V is 8 keys, one n-tile of S. Its accumulators hold keys
+    # 2t and 2t + 1 of rows g and g + 8, where an A-fragment wants keys t and t + 4;
+    # P V sums over keys in any order, so key 2t is taken as the fragment's key t and
+    # 2t + 1 as t + 4, and V's B operand reads V rows 2t and 2t + 1 to match.
+    P_SLOT = (0, 2, 1, 3)       # A register i <- accumulator P_SLOT[i]
 
-    def accumulate_pv(o, s, kv_base, lane):
+    def split_p(step, pf, pl, s):
+        """P's tf32 A-fragments for keys [8 step, 8 step + 8), and small parts."""
+        for mt in range(MT):
+            for i in range(4):
+                x = s[mt, step, P_SLOT[i]]
+                big = ops.to_tf32(x)
+                pf[mt, step, i] = big
+                if SPLIT:
+                    pl[mt, step, i] = ops.to_tf32(x - ops.u32_as_f32(big))
+
+    def pv_step_tf32(step, o, pf, pl, v_base, lane):
+        """One 8-key by 8-column step of O += P V_j: two 32-bit loads of V, one mma per
+        m-tile (three when split)."""
+        kk = step // DT
+        dt = step - kk * DT
+        key = kk * 8 + 2 * (lane & 3)
+        col = dt * 8 + (lane >> 2)
+        v0 = ops.ld_shared_u32(v_base + ES * v_offset(key, col))
+        v1 = ops.ld_shared_u32(v_base + ES * v_offset(key + 1, col))
+        vb0, vb1 = operand(v0), operand(v1)
+        vl0, vl1 = (remainder(v0, vb0), remainder(v1, vb1)) if SPLIT else (vb0, vb1)
+        for mt in range(MT):
+            c = (o[mt, dt, 0], o[mt, dt, 1], o[mt, dt, 2], o[mt, dt, 3])
+            if SPLIT:
+                c = mma(pl[mt, kk, 0], pl[mt, kk, 1], pl[mt, kk, 2], pl[mt, kk, 3],
+                        vb0, vb1, c[0], c[1], c[2], c[3])
+                c = mma(pf[mt, kk, 0], pf[mt, kk, 1], pf[mt, kk, 2], pf[mt, kk, 3],
+                        vl0, vl1, c[0], c[1], c[2], c[3])
+            c = mma(pf[mt, kk, 0], pf[mt, kk, 1], pf[mt, kk, 2], pf[mt, kk, 3],
+                    vb0, vb1, c[0], c[1], c[2], c[3])
+            for i in range(4):
+                o[mt, dt, i] = c[i]
+
+    pack_p_d = device(pack_p)
+    pv_step_d = device(pv_step)
+
+    def pack_p_16(step, pf, pl, s):
+        pack_p_d(step, pf, s)
+
+    def pv_step_16(step, o, pf, pl, v_base, lane):
+        pv_step_d(step, o, pf, v_base, lane)
+
+    if TF32:
+        pack_p_steps = static_loop(KP, device(split_p))
+        pv_steps = static_loop(KP * DT, device(pv_step_tf32))
+    else:
+        pack_p_steps = static_loop(KP, device(pack_p_16))
+        pv_steps = static_loop(KP * DT // 2, device(pv_step_16))
+
+    def accumulate_pv(o, s, v_base, lane):
         """o += P V_j with P taken from the score accumulators."""
         pf = cuda.local.array((MT, KP, 4), np.uint32)
-        pack_p_steps(pf, s)
-        pv_steps(o, pf, kv_base, lane)
+        pl = cuda.local.array((MT, KP if SPLIT else 1, 4), np.uint32)
+        pack_p_steps(pf, pl, s)
+        pv_steps(o, pf, pl, v_base, lane)
 
     def store_step(dt, out, o, mt, half, inv, b, row, h, head_dim, t):
         for j in range(2):
@@ -309,32 +421,40 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
 
     store_row = static_loop(DT, device(store_step))
 
-    def write_output(out, lse, o, m, l, b, h, row0, seqlen_q, head_dim, scale_log2, lane):
-        """O = o / l and lse = (m c + log2 l) ln 2 for this thread's rows."""
+    def write_row(step, out, lse, o, m, l, b, h, row0, seqlen_q, head_dim, scale_log2, lane):
+        """Row g + 8 half of m-tile mt (step = 2 mt + half) of this thread's rows."""
+        mt = step >> 1
+        half = step & 1
         g = lane >> 2
         t = lane & 3
-        for mt in range(MT):
-            for half in range(2):
-                row = row0 + mt * 16 + g + 8 * half
-                total = l[mt, half]
-                total += ops.shfl_xor(total, 1)
-                total += ops.shfl_xor(total, 2)
-                inv = ONE / total if total > ZERO else ZERO   # rows that saw no key give 0
-                if row < seqlen_q:
-                    store_row(out, o, mt, half, inv, b, row, h, head_dim, t)
-                    if t == 0:
-                        lse[b, h, row] = ((m[mt, half] * scale_log2 + math.log2(total)) * LN2_32
-                                          if total != ZERO else MINUS_INF)
+        row = row0 + mt * 16 + g + 8 * half
+        total = l[mt, half]
+        total += ops.shfl_xor(total, 1)
+        total += ops.shfl_xor(total, 2)
+        inv = ONE / total if total > ZERO else ZERO   # rows that saw no key give 0
+        if row < seqlen_q:
+            store_row(out, o, mt, half, inv, b, row, h, head_dim, t)
+            if t == 0:
+                lse[b, h, row] = ((m[mt, half] * scale_log2 + math.log2(total)) * LN2_32
+                                  if total != ZERO else MINUS_INF)
+
+    # O = o / l and lse = (m c + log2 l) ln 2 for this thread's rows, one row per
+    # compile-time step: with bfloat16's longer rounding code NVVM left a rolled loop
+    # over the rows here, and o, indexed by its counter, went to local memory for
+    # the whole kernel (544 bytes of stack at head dim 128).
+    write_output = static_loop(2 * MT, device(write_row))
 
     scores_d = device(scores)
     apply_mask_d = device(apply_mask)
     online_softmax_d = device(online_softmax)
     accumulate_pv_d = device(accumulate_pv)
-    write_output_d = device(write_output)
+    write_output_d = write_output
     U16 = from_dtype(np.uint16)
 
-    @kernel(f"forward_mma_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}",
-            (cfg, dtype_name, causal), lineinfo=True)
+    precision = f"_tf32x{passes}" if TF32 else ""
+    @kernel(f"forward_mma_{dtype_name}{precision}_{config_name(cfg)}_"
+            f"{'causal' if causal else 'full'}", (cfg, dtype_name, causal, passes),
+            lineinfo=True)
     def forward_mma(q, k, v, out, lse, scale_log2):
         m_block = cuda.blockIdx.x
         h = cuda.blockIdx.y
@@ -352,6 +472,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         smem = cuda.shared.array(0, U16)
         smem_base = ops.smem_addr(smem, 0)   # 32-bit shared address; tiles are offsets
         qf = cuda.local.array((MT, QF_STEPS, 4), np.uint32)
+        ql = cuda.local.array((MT, QF_STEPS if SPLIT else 1, 4), np.uint32)
         s = cuda.local.array((MT, NS, 4), np.float32)
         o = cuda.local.array((MT, DT, 4), np.float32)
         m = cuda.local.array((MT, 2), np.float32)
@@ -366,31 +487,34 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool):
         n_start, n_end = key_tile_range(m_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
         if n_start < n_end:
             load_q(smem_base, OFF_Q, q, b, m0, seqlen_q, h, head_dim, tid)
-            load_kv(smem_base, OFF_K, k, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
-            load_kv(smem_base, OFF_V, v, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
+            load_k(smem_base, OFF_K, k, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
+            load_v(smem_base, OFF_V, v, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
             ops.cp_async_commit()
             ops.cp_async_wait(0)
             cuda.syncthreads()
             if Q_IN_REGS:
-                load_q_fragments(qf, smem_base, warp, lane)
+                load_q_fragments(qf, ql, smem_base, warp, lane)
 
         # ---- Mainloop over key/value tiles; tile j is in stage (j - n_start) % 2
         for n_block in range(n_start, n_end):
             n0 = n_block * BN
-            stage = ((n_block - n_start) & 1) * STAGE
+            stage = (n_block - n_start) & 1
             ops.cp_async_wait(0)
             cuda.syncthreads()              # K_j, V_j have landed; tile j-1's stage is free
             if n_block + 1 < n_end:
-                other = STAGE - stage
-                load_kv(smem_base, OFF_K + other, k, b, n0 + BN, seqlen_k, h_kv, head_dim, tid)
-                load_kv(smem_base, OFF_V + other, v, b, n0 + BN, seqlen_k, h_kv, head_dim, tid)
+                other = 1 - stage
+                load_k(smem_base, OFF_K + other * K_STAGE, k, b, n0 + BN, seqlen_k, h_kv,
+                       head_dim, tid)
+                load_v(smem_base, OFF_V + other * V_STAGE, v, b, n0 + BN, seqlen_k, h_kv,
+                       head_dim, tid)
                 ops.cp_async_commit()
-            kv_base = smem_base + 2 * stage
-            scores_d(s, qf, smem_base, kv_base, warp, lane)
+            k_base = smem_base + ES * (OFF_K + stage * K_STAGE)
+            v_base = smem_base + ES * (OFF_V + stage * V_STAGE)
+            scores_d(s, qf, ql, smem_base, k_base, warp, lane)
             if tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL):
                 apply_mask_d(s, row0, n0, seqlen_q, seqlen_k, lane)
             online_softmax_d(s, o, m, l, scale_log2)
-            accumulate_pv_d(o, s, kv_base, lane)
+            accumulate_pv_d(o, s, v_base, lane)
 
         # ---- Epilogue
         # The inputs' head dim may be zero-padded to a multiple of 8; the output's is not.

@@ -10,6 +10,12 @@ of the mma fragments (g = lane >> 2, t = lane & 3; each 32-bit register holds tw
     B (16x8, "col")       b0: B[2t:2t+2][g]    b1: B[2t+8:2t+10][g]
     C, D (16x8, float32)  c0, c1: C[g][2t], C[g][2t+1]   c2, c3: C[g+8][2t], C[g+8][2t+1]
 
+and of the tf32 shape m16n8k8 (one tf32 value, a float32 whose low 13 bits are
+ignored, per register; C and D as above):
+
+    A (16x8, row major)   a0: A[g][t]  a1: A[g+8][t]  a2: A[g][t+4]  a3: A[g+8][t+4]
+    B (8x8, "col")        b0: B[t][g]  b1: B[t+4][g]
+
 Instructions with no outputs are marked side-effecting (NVVM deletes them
 otherwise); loads and copies also clobber memory so that nothing moves across a
 barrier. Pure value instructions (mma, cvt, ex2) stay pure.
@@ -23,7 +29,7 @@ from numba.cuda.np.arrayobj import make_array, populate_array
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
            "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
-           "shfl_xor", "st_shared_u32", "red_add_f32x2"]
+           "shfl_xor", "st_shared_u32", "ld_shared_u32", "red_add_f32x2", "mma_tf32", "to_tf32"]
 
 _i32 = ir.IntType(32)
 _i64 = ir.IntType(64)
@@ -163,8 +169,8 @@ ldmatrix_x4 = _make_ldmatrix(False)
 ldmatrix_x4_trans = _make_ldmatrix(True)
 
 
-def _make_mma(ab):
-    text = (f"mma.sync.aligned.m16n8k16.row.col.f32.{ab}.{ab}.f32 "
+def _make_mma(ab, shape="m16n8k16"):
+    text = (f"mma.sync.aligned.{shape}.row.col.f32.{ab}.{ab}.f32 "
             "{$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, {$10,$11,$12,$13};")
 
     @intrinsic
@@ -185,6 +191,21 @@ def _make_mma(ab):
 #: D = A B + C for a 16x16 A, a 16x8 B and float32 C, D (layouts in the module doc).
 mma_f16 = _make_mma("f16")
 mma_bf16 = _make_mma("bf16")
+#: D = A B + C for a 16x8 tf32 A, an 8x8 tf32 B and float32 C, D; the same call
+#: signature as the 16-bit products (four A registers, two B registers).
+mma_tf32 = _make_mma("tf32", "m16n8k8")
+
+
+@intrinsic
+def to_tf32(typingctx, x):
+    """float32 rounded to tf32 (10 mantissa bits; to nearest, ties away from zero), as
+    the bits of a float32 with the low 13 bits zero: an operand of ``mma_tf32``."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _i32, [args[0]], "cvt.rna.tf32.f32 $0, $1;", "=r,f")
+
+    return sig, codegen
 
 
 def _make_pack(kind):
@@ -303,6 +324,18 @@ def st_shared_u32(typingctx, addr, value):
         _asm(builder, ir.VoidType(), list(args), "st.shared.u32 [$0], $1;", "r,r,~{memory}",
              side_effect=True)
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def ld_shared_u32(typingctx, addr):
+    """The 32-bit value at a 32-bit shared-memory address."""
+    sig = types.uint32(types.uint32)
+
+    def codegen(context, builder, sig, args):
+        return _asm(builder, _i32, list(args), "ld.shared.u32 $0, [$1];", "=r,r,~{memory}",
+                    side_effect=True)
 
     return sig, codegen
 

@@ -18,7 +18,7 @@ import numpy as np
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
            "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
-           "shfl_xor", "st_shared_u32", "red_add_f32x2"]
+           "shfl_xor", "st_shared_u32", "ld_shared_u32", "red_add_f32x2", "mma_tf32", "to_tf32"]
 
 
 def smem_view2d(arr, offset, rows, cols):
@@ -60,6 +60,10 @@ def cp_async_16(dst, src, src_bytes):
         ctypes.memmove(dst, src, n)
     if n < 16:
         ctypes.memset(dst + n, 0, 16 - n)
+
+
+def ld_shared_u32(addr):
+    return np.uint32(_u32_at(int(addr)))
 
 
 def st_shared_u32(addr, value):
@@ -172,6 +176,34 @@ def _make_mma(kind):
 
 mma_f16 = _make_mma("f16")
 mma_bf16 = _make_mma("bf16")
+
+
+def _tf32_value(u):
+    """What the tensor core reads of a tf32 operand register: its upper 19 bits."""
+    return float(np.uint32(int(u) & 0xFFFFE000).view(np.float32))
+
+
+def mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    lane, regs = _warp_all((a0, a1, a2, a3, b0, b1))
+    a = np.zeros((16, 8))
+    b = np.zeros((8, 8))
+    for ln, (r0, r1, r2, r3, s0, s1) in enumerate(regs):
+        g, t = ln >> 2, ln & 3
+        a[g, t], a[g + 8, t] = _tf32_value(r0), _tf32_value(r1)
+        a[g, t + 4], a[g + 8, t + 4] = _tf32_value(r2), _tf32_value(r3)
+        b[t, g], b[t + 4, g] = _tf32_value(s0), _tf32_value(s1)
+    d = a @ b
+    g, t = lane >> 2, lane & 3
+    f = np.float32
+    return (f(d[g, 2 * t] + c0), f(d[g, 2 * t + 1] + c1),
+            f(d[g + 8, 2 * t] + c2), f(d[g + 8, 2 * t + 1] + c3))
+
+
+def to_tf32(x):
+    u = int(np.float32(x).view(np.uint32))
+    if (u & 0x7F800000) == 0x7F800000:       # inf and NaN keep their bits
+        return np.uint32(u)
+    return np.uint32(((u + 0x1000) & 0xFFFFE000) & 0xFFFFFFFF)
 
 
 def pack_f16x2(lo, hi):
