@@ -6,7 +6,7 @@ into its own arguments once (``prepare``, not timed) and then runs a forward
 share the inputs' memory: torch sees the CuPy arrays through DLPack, as
 (batch, heads, seqlen, headdim) ``transpose(1, 2)`` views, nothing is copied.
 
-Peers: ``nbflash``; ``naive`` (CuPy attention that materialises the scores, in the
+Peers: ``nbflash``; ``nbflash-tf32`` (float32 only: ``allow_tf32=True``); ``naive`` (CuPy attention that materialises the scores, in the
 input dtype); ``torch-flash``, ``torch-cudnn``, ``torch-efficient``, ``torch-math``
 (PyTorch's ``scaled_dot_product_attention`` pinned to one backend with
 ``torch.nn.attention.sdpa_kernel``) when torch is importable.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 TORCH_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION",
                   "torch-efficient": "EFFICIENT_ATTENTION", "torch-math": "MATH"}
-PEERS = ("nbflash", "naive", *TORCH_BACKENDS)
+PEERS = ("nbflash", "nbflash-tf32", "naive", *TORCH_BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,21 @@ class NbflashPeer(_CupyPeer):
         return nbflash.attention_backward(dout, q, k, v, out, lse, causal=self.causal)
 
 
+class NbflashTf32Peer(_CupyPeer):
+    """``nbflash.attention(..., allow_tf32=True)`` (float32), and the backward."""
+    name = "nbflash-tf32"
+
+    def forward(self, q, k, v, dout):
+        import nbflash
+        return nbflash.attention(q, k, v, causal=self.causal, allow_tf32=True)
+
+    def forward_backward(self, q, k, v, dout):
+        import nbflash
+        out, lse = nbflash.attention(q, k, v, causal=self.causal, return_lse=True,
+                                     allow_tf32=True)
+        return nbflash.attention_backward(dout, q, k, v, out, lse, causal=self.causal)
+
+
 class NaivePeer(_CupyPeer):
     """Attention that materialises the scores, in CuPy (``nbflash._naive``)."""
     name = "naive"
@@ -232,6 +247,11 @@ def make_peers(problem, names):
     for name in names:
         if name == "nbflash":
             peers.append(NbflashPeer(problem))
+        elif name == "nbflash-tf32":
+            if problem.dtype == "float32":
+                peers.append(NbflashTf32Peer(problem))
+            else:
+                missing[name] = "allow_tf32 concerns float32 inputs only"
         elif name == "naive":
             peers.append(NaivePeer(problem))
         elif torch_available():

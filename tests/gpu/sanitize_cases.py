@@ -63,12 +63,14 @@ class Case:
     nheads_k: int
     layout: str
     deterministic: bool = False     # attention_backward(deterministic=...)
+    allow_tf32: bool = False        # attention(allow_tf32=...), float32 only
 
     @property
     def name(self):
         return (f"{self.dtype}-d{self.head_dim}-{'causal' if self.causal else 'full'}-"
                 f"q{self.seqlen_q}-k{self.seqlen_k}-h{self.nheads}/{self.nheads_k}-"
-                f"{self.layout}" + ("-det" if self.deterministic else ""))
+                f"{self.layout}" + ("-det" if self.deterministic else "")
+                + ("-tf32" if self.allow_tf32 else ""))
 
 
 def matrix(tool):
@@ -80,6 +82,10 @@ def matrix(tool):
             # The second shape of each combination runs the deterministic backward.
             for s, det in ((c % len(SHAPES), False), ((c + 2) % len(SHAPES), True)):
                 cases.append(Case(dt, hd, causal, *SHAPES[s], LAYOUTS[(c + s) % 3], det))
+            if dt == "float32":     # the forward's allow_tf32 kernel
+                s = (c + 1) % len(SHAPES)
+                cases.append(Case(dt, hd, causal, *SHAPES[s], LAYOUTS[s % 3],
+                                  allow_tf32=True))
     elif tool in ("synccheck", "initcheck", "none"):
         shift = 1 if tool == "initcheck" else 0
         for c, (dt, hd, causal) in enumerate(combos):
@@ -94,6 +100,9 @@ def matrix(tool):
         for dt, hd, causal in itertools.product(("float16", "float32", "float64"),
                                                 (17, 64, 96, 256), (False, True)):
             cases.append(Case(dt, hd, causal, 70, 129, 2, 1, "contiguous"))
+            if dt == "float32":
+                cases.append(Case(dt, hd, causal, 70, 129, 2, 1, "contiguous",
+                                  allow_tf32=True))
         for causal in (False, True):
             cases.append(Case("bfloat16", 32, causal, 70, 129, 2, 1, "contiguous"))
         # The deterministic backward: its own dQ schedule, per kernel family.
@@ -118,11 +127,11 @@ def smoke(cases):
     for c in cases:
         s = Case(c.dtype, min(c.head_dim, 16), c.causal, min(c.seqlen_q, 20),
                  min(c.seqlen_k, 19), min(c.nheads, 2), min(c.nheads_k, 2), c.layout,
-                 c.deterministic)
+                 c.deterministic, c.allow_tf32)
         if s.nheads % s.nheads_k:
             s = Case(*[getattr(s, f) for f in ("dtype", "head_dim", "causal", "seqlen_q",
                                                "seqlen_k", "nheads")], 1, s.layout,
-                     s.deterministic)
+                     s.deterministic, s.allow_tf32)
         if s not in small:
             small.append(s)
     return small
@@ -174,7 +183,8 @@ class Runner:
         do = rng.standard_normal(q.shape).astype(dt)
         dq_, dk_, dv_ = (_layout(x, xp, case.layout, rng) for x in (q, k, v))
         ddo = xp.asarray(do)
-        out, lse = nbflash.attention(dq_, dk_, dv_, causal=case.causal, return_lse=True)
+        out, lse = nbflash.attention(dq_, dk_, dv_, causal=case.causal, return_lse=True,
+                                     allow_tf32=case.allow_tf32)
         grads = nbflash.attention_backward(ddo, dq_, dk_, dv_, out, lse, causal=case.causal,
                                            deterministic=case.deterministic)
         if self.interface.ON_GPU:
@@ -189,7 +199,8 @@ class Runner:
         exact = reference.attention(q, k, v, causal=case.causal) + \
             reference.attention_backward(do, q, k, v, causal=case.causal,
                                          out=to_numpy64(out), lse=to_numpy64(lse))
-        naive = reference.naive_attention(q, k, v, causal=case.causal) + \
+        naive = reference.naive_attention(q, k, v, causal=case.causal,
+                                          tf32=case.allow_tf32) + \
             reference.naive_attention_backward(do, q, k, v, causal=case.causal)
         logit = max_abs_logit(q, k, None)
         n_fwd = max(case.seqlen_k, case.head_dim)
