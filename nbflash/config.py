@@ -203,8 +203,9 @@ SIMULATOR_MMA_TILE = {d: MmaConfig(16, 16, d, 1) for d in HEAD_DIM_BUCKETS}
 #: Input dtypes that run on tensor cores.
 MMA_DTYPES = ("float16", "bfloat16")
 
-#: float32 forward tiles on tf32 tensor cores (mma.sync m16n8k8), per head-dim bucket.
-#: Chosen on the H100 (float32, seqlen 4096, hidden 2048; see benchmarks/NOTES.md).
+#: float32 forward tiles on tf32 tensor cores (mma.sync m16n8k8), per head-dim bucket:
+#: the float16 tables' shapes (128 query rows over 4 warps), which compile without
+#: spills for one tf32 product (tests/ptx_check.py).
 FORWARD_TF32_TILES = {
     32: MmaConfig(128, 64, 32, 4, element_bytes=4),
     64: MmaConfig(128, 64, 64, 4, q_in_registers=False, element_bytes=4),
@@ -212,11 +213,13 @@ FORWARD_TF32_TILES = {
     128: MmaConfig(128, 32, 128, 4, q_in_registers=False, element_bytes=4),
     256: MmaConfig(64, 32, 256, 4, q_in_registers=False, element_bytes=4),
 }
-#: Overrides for 3xTF32 (three products, split operands in registers): 128-row tiles
-#: spill at head dims 96 and 128 (28-92 bytes, tests/ptx_check.py).
+#: Overrides for 3xTF32 (three products, split operands in registers): 128x32 tiles
+#: spill at head dims 96 and 128 (28-92 bytes), 16-key tiles do not. Measured on the
+#: H100 (float32 d128, seqlen 4096, hidden 2048; .gpu/dev_var6.py), TFLOP/s full /
+#: causal: 64x32x4w 32.2 / 29.6, 128x16x4w 41.9 / 36.5, 64x64x4w 28.3.
 FORWARD_TF32X3_TILES = {
-    96: MmaConfig(64, 32, 96, 4, q_in_registers=False, element_bytes=4),
-    128: MmaConfig(64, 32, 128, 4, q_in_registers=False, element_bytes=4),
+    96: MmaConfig(128, 16, 96, 4, q_in_registers=False, element_bytes=4),
+    128: MmaConfig(128, 16, 128, 4, q_in_registers=False, element_bytes=4),
 }
 SIMULATOR_TF32_TILE = {d: MmaConfig(16, 16, d, 1, element_bytes=4) for d in HEAD_DIM_BUCKETS}
 #: tf32 products per float32 product in the float32 forward. 3 splits each operand
