@@ -431,11 +431,9 @@ NAN_DIM = 8 if SIMULATOR else 64
 
 def _forward_tiles(dtype_name, head_dim):
     """(block_m, block_n) of the forward kernel nbflash runs for this dtype, as
-    interface._forward picks it: tensor cores for float16/bfloat16, SIMT otherwise."""
-    if dtype_name in getattr(config, "MMA_DTYPES", ()):
-        cfg = config.select_forward_mma(head_dim, SIMULATOR)
-    else:
-        cfg = config.select_forward(dtype_name, head_dim, SIMULATOR)
+    interface._forward picks it (tensor cores for float16/bfloat16, tf32 tensor cores
+    for float32, SIMT for float64; causal or not, the same tiles at head dim 64)."""
+    cfg = interface._forward_config(dtype_name, head_dim, causal=False)
     return cfg.block_m, cfg.block_n
 
 
