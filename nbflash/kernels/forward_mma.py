@@ -1,4 +1,5 @@
-"""FlashAttention forward pass on tensor cores (float16 and bfloat16).
+"""FlashAttention forward pass on tensor cores (float16 and bfloat16 on m16n8k16;
+float32 on tf32 m16n8k8, with one product or three: see ``build_forward_mma``).
 
 The same algorithm as ``forward.py`` (and ``reference/tiled.py::flash_forward``), in
 the FlashAttention-2 arrangement:
