@@ -262,11 +262,9 @@ def _forward_config(name, head_dim, causal, allow_tf32=False):
 def _forward(q, k, v, causal, scale, name, allow_tf32=False):
     """The forward's launch for valid q, k, v with at least one query row."""
     cfg = _forward_config(name, q.shape[3], causal, allow_tf32)
-    if name in config.MMA_DTYPES:
-        return _forward_mma(cfg, q, k, v, causal, scale, name)
-    if name == "float32" and _float32_passes(allow_tf32):
-        return _forward_mma(cfg, q, k, v, causal, scale, name, _float32_passes(allow_tf32),
-                            allow_tf32)
+    if isinstance(cfg, config.MmaConfig):
+        passes = _float32_passes(allow_tf32) if name == "float32" else 1
+        return _forward_mma(cfg, q, k, v, causal, scale, name, passes, allow_tf32)
     elements = config.forward_shared_elements(cfg)
     nbytes = config.check_fits(cfg, elements, name)
     acc = _acc_dtype(name)

@@ -18,6 +18,17 @@ KINDS = {"float16": (np.float16, ops.mma_f16, ops.pack_f16x2, ops.unpack_f16x2),
          "bfloat16": (ml_dtypes.bfloat16, ops.mma_bf16, ops.pack_bf16x2, ops.unpack_bf16x2)}
 
 
+@cuda.jit(device=True)
+def copy_rows_async(dst, src, rows, chunk, lane):
+    """cp.async of ``rows`` rows of 32 bytes, src[0, :rows, 0, :] (two 16-byte chunks
+    of ``chunk`` elements each, one per lane), to the shared address ``dst``."""
+    if lane < 2 * rows:
+        row = lane >> 1
+        half = lane & 1
+        ops.cp_async_16(dst + 32 * row + 16 * half,
+                        ops.global_addr(src, 0, row, 0, half * chunk), np.uint32(16))
+
+
 def make_kernel(kind):
     _, mma, pack, unpack = KINDS[kind]
 
@@ -28,10 +39,7 @@ def make_kernel(kind):
         base = ops.smem_addr(smem, 0)
         # Three 16x16 tiles of 16-bit elements, row-major: 32 chunks of 16 bytes each.
         for t, src in enumerate((a, k, v)):
-            row = lane >> 1
-            col = (lane & 1) * 8
-            ops.cp_async_16(base + 2 * (t * 256 + row * 16 + col),
-                            ops.global_addr(src, 0, row, 0, col), np.uint32(16))
+            copy_rows_async(base + 512 * t, src, 16, 8, lane)
         ops.cp_async_commit()
         ops.cp_async_wait(0)
         cuda.syncthreads()
@@ -161,12 +169,9 @@ def test_tf32_fragments_and_mma():
         smem = cuda.shared.array(0, F32)
         base = ops.smem_addr(smem, 0)
         # A: 16 rows, K: 16 rows, V: 8 rows, each of 8 float32 (two 16-byte chunks).
-        for t, src, rows in ((0, a, 16), (1, k, 16), (2, v, 8)):
-            if lane < 2 * rows:
-                row = lane >> 1
-                col = (lane & 1) * 4
-                ops.cp_async_16(base + 4 * (t * 128 + row * 8 + col),
-                                ops.global_addr(src, 0, row, 0, col), np.uint32(16))
+        copy_rows_async(base, a, 16, 4, lane)
+        copy_rows_async(base + 512, k, 16, 4, lane)
+        copy_rows_async(base + 1024, v, 8, 4, lane)
         ops.cp_async_commit()
         ops.cp_async_wait(0)
         cuda.syncthreads()

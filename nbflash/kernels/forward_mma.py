@@ -325,16 +325,17 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
                 l[mt, half] = l[mt, half] * alpha + row_sum
                 rescale_rows(o, mt, half, alpha)
 
-    def pack_p(step, pf, s):
+    def pack_p(step, pf, pl, s):
         """P's A-fragments for keys [16 step, 16 step + 16): the accumulators of n-tiles
-        2 step and 2 step + 1, rounded to 16 bits, are exactly that layout."""
+        2 step and 2 step + 1, rounded to 16 bits, are exactly that layout. (``pl``,
+        the tf32 split's small parts, has no 16-bit use.)"""
         for mt in range(MT):
             pf[mt, step, 0] = pack(s[mt, 2 * step, 0], s[mt, 2 * step, 1])
             pf[mt, step, 1] = pack(s[mt, 2 * step, 2], s[mt, 2 * step, 3])
             pf[mt, step, 2] = pack(s[mt, 2 * step + 1, 0], s[mt, 2 * step + 1, 1])
             pf[mt, step, 3] = pack(s[mt, 2 * step + 1, 2], s[mt, 2 * step + 1, 3])
 
-    def pv_step(step, o, pf, v_base, lane):
+    def pv_step(step, o, pf, pl, v_base, lane):
         """One 16-key by 16-column step of O += P V_j: an ldmatrix.trans of V, two mma
         per m-tile."""
         kk = step // (DT // 2)
@@ -362,11 +363,11 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
         """P's tf32 A-fragments for keys [8 step, 8 step + 8), and small parts."""
         for mt in range(MT):
             for i in range(4):
-                x = s[mt, step, P_SLOT[i]]
-                big = ops.to_tf32(x)
+                bits = ops.f32_as_u32(s[mt, step, P_SLOT[i]])
+                big = operand(bits)
                 pf[mt, step, i] = big
                 if SPLIT:
-                    pl[mt, step, i] = ops.to_tf32(x - ops.u32_as_f32(big))
+                    pl[mt, step, i] = remainder(bits, big)
 
     def pv_step_tf32(step, o, pf, pl, v_base, lane):
         """One 8-key by 8-column step of O += P V_j: two 32-bit loads of V, one mma per
@@ -391,21 +392,12 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
             for i in range(4):
                 o[mt, dt, i] = c[i]
 
-    pack_p_d = device(pack_p)
-    pv_step_d = device(pv_step)
-
-    def pack_p_16(step, pf, pl, s):
-        pack_p_d(step, pf, s)
-
-    def pv_step_16(step, o, pf, pl, v_base, lane):
-        pv_step_d(step, o, pf, v_base, lane)
-
     if TF32:
         pack_p_steps = static_loop(KP, device(split_p))
         pv_steps = static_loop(KP * DT, device(pv_step_tf32))
     else:
-        pack_p_steps = static_loop(KP, device(pack_p_16))
-        pv_steps = static_loop(KP * DT // 2, device(pv_step_16))
+        pack_p_steps = static_loop(KP, device(pack_p))
+        pv_steps = static_loop(KP * DT // 2, device(pv_step))
 
     def accumulate_pv(o, s, v_base, lane):
         """o += P V_j with P taken from the score accumulators."""
@@ -443,13 +435,12 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
     # compile-time step: with bfloat16's longer rounding code NVVM left a rolled loop
     # over the rows here, and o, indexed by its counter, went to local memory for
     # the whole kernel (544 bytes of stack at head dim 128).
-    write_output = static_loop(2 * MT, device(write_row))
+    write_output_d = static_loop(2 * MT, device(write_row))
 
     scores_d = device(scores)
     apply_mask_d = device(apply_mask)
     online_softmax_d = device(online_softmax)
     accumulate_pv_d = device(accumulate_pv)
-    write_output_d = write_output
     U16 = from_dtype(np.uint16)
 
     precision = f"_tf32x{passes}" if TF32 else ""

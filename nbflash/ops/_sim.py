@@ -153,6 +153,14 @@ def _halves(u, kind):
     return (np.array([lo, hi], dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
+def _lane_result(d, lane, c0, c1, c2, c3):
+    """This lane's accumulator registers of D = A B + C (the 16x8 C layout), in float32."""
+    g, t = lane >> 2, lane & 3
+    f = np.float32
+    return (f(d[g, 2 * t] + c0), f(d[g, 2 * t + 1] + c1),
+            f(d[g + 8, 2 * t] + c2), f(d[g + 8, 2 * t + 1] + c3))
+
+
 def _make_mma(kind):
     def mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         lane, regs = _warp_all((a0, a1, a2, a3, b0, b1))
@@ -166,11 +174,7 @@ def _make_mma(kind):
             a[g + 8, 2 * t + 8:2 * t + 10] = _halves(r3, kind)
             b[2 * t:2 * t + 2, g] = _halves(s0, kind)
             b[2 * t + 8:2 * t + 10, g] = _halves(s1, kind)
-        d = a @ b
-        g, t = lane >> 2, lane & 3
-        f = np.float32
-        return (f(d[g, 2 * t] + c0), f(d[g, 2 * t + 1] + c1),
-                f(d[g + 8, 2 * t] + c2), f(d[g + 8, 2 * t + 1] + c3))
+        return _lane_result(a @ b, lane, c0, c1, c2, c3)
     return mma
 
 
@@ -192,11 +196,7 @@ def mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         a[g, t], a[g + 8, t] = _tf32_value(r0), _tf32_value(r1)
         a[g, t + 4], a[g + 8, t + 4] = _tf32_value(r2), _tf32_value(r3)
         b[t, g], b[t + 4, g] = _tf32_value(s0), _tf32_value(s1)
-    d = a @ b
-    g, t = lane >> 2, lane & 3
-    f = np.float32
-    return (f(d[g, 2 * t] + c0), f(d[g, 2 * t + 1] + c1),
-            f(d[g + 8, 2 * t] + c2), f(d[g + 8, 2 * t + 1] + c3))
+    return _lane_result(a @ b, lane, c0, c1, c2, c3)
 
 
 def to_tf32(x):
