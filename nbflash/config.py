@@ -101,6 +101,18 @@ BACKWARD_TILES = {
 SIMULATOR_TILE = {d: TileConfig(16, 16, d, 32) for d in HEAD_DIM_BUCKETS}
 
 
+def tile_row(width, element_bytes):
+    """Elements allocated per row of a tensor-core kernel's shared tile of rows
+    ``width`` elements wide: rows of more than 128 bytes are rounded up to whole
+    128-byte lines (head dim 96 in 16 bits: 192 -> 256 bytes), so that every row
+    starts a line and the XOR swizzle of ``kernels.forward_mma.make_mma_tile_ops``
+    stays within lines; shorter rows (32 or 64 bytes) share a line."""
+    row_bytes = width * element_bytes
+    if row_bytes > 128:
+        row_bytes = -(-row_bytes // 128) * 128
+    return row_bytes // element_bytes
+
+
 @dataclass(frozen=True)
 class MmaConfig:
     """Compile-time shape of a tensor-core (mma.sync m16n8k16, or m16n8k8 for tf32) kernel.
@@ -125,24 +137,21 @@ class MmaConfig:
         return self.block_m // (16 * self.warps)
 
     @property
-    def v_row(self):
-        """Elements per row of a shared V tile: float32 rows are padded by one 16-byte
-        chunk, which puts the tf32 B operand's 32 lanes (keys 2t, 2t + 1 of column g)
-        in 32 different banks; 16-bit V tiles are chunk-major (read by ldmatrix)."""
-        return self.head_dim + (4 if self.element_bytes == 4 else 0)
+    def row(self):
+        """Elements per row of a shared head-dim tile (see ``tile_row``)."""
+        return tile_row(self.head_dim, self.element_bytes)
 
     @property
     def forward_shared_bytes(self):
         """Q and two stages of the K and V tiles."""
-        return ((self.block_m + 2 * self.block_n) * self.head_dim
-                + 2 * self.block_n * self.v_row) * self.element_bytes
+        return (self.block_m + 4 * self.block_n) * self.row * self.element_bytes
 
     @property
     def backward_shared_bytes(self):
         """K, V (block_n rows), two stages of Q, dO (block_m rows) and of their two float32
-        row statistics, and dS^T (16-bit)."""
-        return ((2 * self.block_n + 4 * self.block_m) * self.head_dim * 2
-                + self.block_n * self.block_m * 2 + 4 * self.block_m * 4)
+        row statistics, and dS^T (16-bit, block_n rows of block_m queries)."""
+        return ((2 * self.block_n + 4 * self.block_m) * self.row * 2
+                + self.block_n * tile_row(self.block_m, 2) * 2 + 4 * self.block_m * 4)
 
     def check(self):
         """The forward's shape: each warp owns whole 16-row m-tiles of the query tile."""
@@ -169,10 +178,12 @@ class MmaConfig:
 
 #: Tensor-core forward tiles per head-dim bucket (float16 and bfloat16). 128 query rows
 #: over 4 warps give each warp two 16-row m-tiles: every K/V fragment loaded from
-#: shared memory feeds two mma. Measured on the H100 (fp16, seqlen 4096, hidden 2048;
-#: .gpu/dev_tiles.py, benchmarks/NOTES.md), TFLOP/s: d64 64x64 123, 128x64 212;
-#: d128 64x64 131, 128x64 228 (but 24 bytes of local memory), 128x32 212; d256 64x16
-#: 115, 64x32 124.
+#: shared memory feeds two mma. Measured on the H100 with swizzled tiles (fp16, seqlen
+#: 4096, hidden 2048; .gpu/dev_s7.py, benchmarks/NOTES.md), TFLOP/s full / causal:
+#: d128 128x32 311 / 267, 128x16 236 / 202, 128x64 291 / 250 (120 bytes of spills);
+#: d64 128x64 qreg 317 / 252; d256 64x32 272 / 228, 128x32x8w 242 / 202. The d128
+#: causal kernel spills 24 bytes (ptxas); the spill-free 128x16 tile measured 25%
+#: slower, so the spill is kept for now (a known gap, see NOTES).
 FORWARD_MMA_TILES = {
     32: MmaConfig(128, 64, 32, 4),
     64: MmaConfig(128, 64, 64, 4),

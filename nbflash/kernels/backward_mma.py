@@ -36,7 +36,7 @@ import numpy as np
 from numba import cuda, from_dtype
 
 from .. import ops
-from ..config import MmaConfig
+from ..config import MmaConfig, tile_row
 from .common import (NEG_INF, config_name, device, element_codec, kernel,
                      make_key_tile_schedule, query_tile_range, static_loop, tile_needs_mask)
 from .forward_mma import make_mma_tile_ops
@@ -81,24 +81,25 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     # Shared memory, in 16-bit elements: K, V, two stages of (Q, dO), dS^T, then two
     # stages of the float32 rows (lse log2 e, then Delta). Stage s of Q is at
     # OFF_Q + s * QSTAGE, its dO at OFF_DO + s * QSTAGE, its rows at float s * RSTAGE.
-    QSTAGE = 2 * BM * D
+    # Tiles are swizzled (forward_mma.make_mma_tile_ops), rows of cfg.row elements.
+    ROW = cfg.row
+    QSTAGE = 2 * BM * ROW
     RSTAGE = 2 * BM
     OFF_K = 0
-    OFF_V = OFF_K + BN * D
-    OFF_Q = OFF_V + BN * D
-    OFF_DO = OFF_Q + BM * D
+    OFF_V = OFF_K + BN * ROW
+    OFF_Q = OFF_V + BN * ROW
+    OFF_DO = OFF_Q + BM * ROW
     OFF_DS = OFF_Q + 2 * QSTAGE       # dS^T: BN rows (keys) of BM queries
-    OFF_ROWS = OFF_DS + BN * BM
+    OFF_ROWS = OFF_DS + BN * tile_row(BM, 2)
     assert OFF_ROWS * 2 + 2 * RSTAGE * 4 == cfg.backward_shared_bytes
     ROW_CHUNKS = BM // 4              # 16-byte chunks of one statistic's rows
     assert 2 * ROW_CHUNKS <= NT, cfg
 
-    make_loader, make_offset, mma, pack = make_mma_tile_ops(cfg, dtype_name)
+    make_loader, make_offset, mma, pack, make_steps = make_mma_tile_ops(cfg, dtype_name)
     load_kv = make_loader(BN)
     load_q = make_loader(BM)
-    kv_offset = make_offset(BN)
-    q_offset = make_offset(BM)
-    ds_offset = make_offset(BN)
+    kv_offset = q_offset = make_offset(D)
+    ds_offset = make_offset(BM)
     _, from_acc = element_codec(dtype_name)
     F32 = from_dtype(np.float32)
 

@@ -23,7 +23,7 @@ the FlashAttention-2 arrangement:
 - causal tiles above the diagonal are skipped, only the diagonal (and the last,
   partial) tiles are masked.
 
-Shared-memory tiles are stored chunk-major (see ``make_mma_tile_ops``).
+Shared-memory tiles are row-major with padded rows (see ``make_mma_tile_ops``).
 """
 import functools
 import math
@@ -32,7 +32,7 @@ import numpy as np
 from numba import cuda, from_dtype
 
 from .. import ops
-from ..config import MmaConfig
+from ..config import MmaConfig, tile_row
 from .common import (LN2, NEG_INF, config_name, device, element_codec, kernel,
                      key_tile_range, static_loop, tile_needs_mask)
 
@@ -41,12 +41,22 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
     """Device functions shared by the tensor-core kernels for one configuration:
     ``(make_loader, make_offset, mma, pack)``.
 
-    Shared-memory tiles are stored chunk-major: the 16-byte chunk c (8 16-bit or 4
-    float32 elements) of row r sits at chunk slot ``c * rows + r``. The 8 rows that
-    one ``ldmatrix`` matrix reads are then 128 contiguous bytes (no bank conflicts,
-    no swizzle), and stepping to the next 16 rows or columns adds a compile-time
-    constant to the lane's address, which folds into the instruction: a row-major
-    tile needs an XOR swizzle whose per-step addresses cost registers.
+    Shared-memory tiles are row-major and XOR-swizzled in 16-byte chunks: within
+    each 128-byte line, chunk slot s holds chunk ``s ^ key`` with ``key`` the row's
+    line number modulo 8 (the row modulo 8 for rows of whole lines). Eight
+    consecutive threads copy 128 contiguous bytes of global memory, one L2 request
+    of whole sectors, into one 128-byte line of shared memory; the 8 rows that one
+    ``ldmatrix`` matrix reads, 16 bytes each at the same columns, fall in 8
+    different bank groups. A lane's address for the next 16 rows is a compile-time
+    constant away, for the next 16 columns one XOR with a constant.
+
+    (Two layouts measured worse on the H100, ncu of the d128 forward at seqlen
+    4096. Chunk-major tiles, chunk c of row r at slot ``c * rows + r``, had eight
+    threads copy one chunk of eight rows: every 16-byte read was its own one-sector
+    L2 request and every sector was read twice, 245M requests for 245M sectors
+    against FlashAttention-2's 31M for 124M; 2.68 ms. Rows padded by 16 bytes put
+    each 128-byte copy across two lines of shared memory: 89M requests for 202M
+    sectors; 1.91 ms.)
     """
     D, NT = cfg.head_dim, cfg.threads
     ES = 4 if dtype_name == "float32" else 2     # bytes per element
@@ -57,61 +67,95 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
     mma = {"float16": ops.mma_f16, "bfloat16": ops.mma_bf16, "float32": ops.mma_tf32}[dtype_name]
     pack = ops.pack_f16x2 if dtype_name == "float16" else ops.pack_bf16x2
 
-    def make_offset(rows):
-        @device
+    def swizzled(width):
+        """Element offset of (row, col) in a tile of rows ``width`` elements wide
+        (``config.tile_row(width)`` allocated per row), as a plain function."""
+        ROW = tile_row(width, ES)
+        ROWS_PER_LINE = max(1, 128 // (ROW * ES))
+        LINE_SHIFT = ROWS_PER_LINE.bit_length() - 1
+
         def offset(row, col):
-            """Element offset of (row, col) in a chunk-major tile of ``rows`` rows."""
-            return ((col >> SHIFT) * rows + row) * EC + (col & (EC - 1))
+            key = (row >> LINE_SHIFT) & 7
+            return (row * ROW + col) ^ (key << SHIFT)
 
         return offset
 
-    GROUPS = NT // 8             # groups of 8 threads; a group copies one chunk of 8 rows
-    # How a thread walks its chunks: with one count a multiple of the other, its
-    # chunk column (or its row steps) are fixed; otherwise (head dim 96: 12 chunks
-    # over 16 or 32 groups) the (chunk, 8-row block) pairs are dealt out in order.
-    EVEN = GROUPS % CHUNKS == 0 or CHUNKS % GROUPS == 0
+    def make_offset(width):
+        """``offset(row, col)``, the device function of ``swizzled(width)``."""
+        return device(swizzled(width))
 
-    def make_loader(rows, offset=None):
-        """``offset``: the tile's layout, chunk-major unless given."""
+    def make_steps(width, lane_rows, lane_cols, steps):
+        """Splits the byte offsets of an access pattern into a lane part and
+        compile-time parts.
+
+        A lane reads (l + R, c + C) for its own row l in ``lane_rows`` and column c in
+        ``lane_cols``, at each compile-time step (R, C) of ``steps``. Returns
+        ``(lane_offset, HI, LO)``: the device function ``lane_offset(l, c)`` (bytes)
+        and tuples such that, for a tile at a multiple of 128 bytes ``t``, the step-i
+        offset is ``((t + lane_offset(l, c)) ^ LO[i]) + HI[i]``. The swizzle's XOR
+        acts on bits 4-6 only, so a step costs one XOR with a constant, where the
+        whole offset took four to six instructions per ldmatrix. Checked here, at
+        build time, for every lane and step.
+        """
+        f = swizzled(width)
+        his, los = [], []
+        for R, C in steps:
+            v = f(R, C) * ES
+            for l in lane_rows:
+                for c in lane_cols:
+                    assert f(l + R, c + C) * ES == ((f(l, c) * ES) ^ (v & 127)) + (v & ~127), \
+                        (width, l, c, R, C)
+            his.append(v & ~127)
+            los.append(v & 127)
+        offset = make_offset(width)
+
+        @device
+        def lane_offset(row, col):
+            return offset(row, col) * ES
+
+        return lane_offset, tuple(his), tuple(los)
+
+    tile_offset = make_offset(D)
+
+    def chunk_and_row(it, tid):
+        """The chunk column and tile row of a thread's copy number ``it``: copies are
+        numbered row by row, so consecutive threads take consecutive chunks."""
+        if NT % CHUNKS == 0:             # a thread keeps its chunk column
+            return tid % CHUNKS, it * (NT // CHUNKS) + tid // CHUNKS
+        if CHUNKS % NT == 0:             # a row takes several copies per thread
+            return (it % (CHUNKS // NT)) * NT + tid, it // (CHUNKS // NT)
+        flat = it * NT + tid             # head dim 96: 12 chunks over 128 threads
+        return flat % CHUNKS, flat // CHUNKS
+
+    chunk_and_row_d = device(chunk_and_row)
+
+    def make_loader(rows):
         assert rows % 8 == 0 and (rows * CHUNKS) % NT == 0, (rows, CHUNKS, NT)
         passes = rows * CHUNKS // NT
-        offset = offset or make_offset(rows)
 
         def load_tile_async(smem_base, base, src, b, row0, n_rows, head, head_dim, tid):
             """cp.async of rows [row0, row0 + rows) of src[b, :, head, :] into the tile at
             ``base``; rows past n_rows and chunks past head_dim are zero-filled.
 
-            Eight consecutive threads copy one chunk column of eight rows: each warp
-            writes 128-byte runs of shared memory and reads whole 32-byte sectors. A
-            thread's chunks and rows follow a fixed pattern, so its global addresses
-            are one base plus multiples of the row stride."""
-            group = tid >> 3
-            r8 = tid & 7
+            One path for every tile, with 32-bit bounds tests: a second, test-free path
+            for whole tiles cost the head-dim-128 forward 36 bytes of spills (ptxas),
+            and the 64-bit tests of rows against n_rows took about 15 instructions per
+            copy."""
             row_stride = src.strides[1]                 # bytes; may be negative
-            origin = np.int64(ops.global_addr(src, b, 0, head, 0))
+            # Row row0 exists (row0 < n_rows for every tile loaded): a zero-byte copy
+            # reads nothing, but its address must still be valid, and this is one.
+            tile_origin = np.int64(ops.global_addr(src, b, row0, head, 0))
+            rows_left = np.int32(n_rows - row0)
             for it in range(passes):
-                if not EVEN:             # pair it * GROUPS + group, chunk-fastest
-                    pair = it * GROUPS + group
-                    ch = pair % CHUNKS
-                    r = (pair // CHUNKS) * 8 + r8
-                elif GROUPS >= CHUNKS:   # each group keeps one chunk, steps over rows
-                    ch = group % CHUNKS
-                    r = (group // CHUNKS + it * (GROUPS // CHUNKS)) * 8 + r8
-                else:                    # a group steps over chunks, then rows
-                    ch = group + (it % (CHUNKS // GROUPS)) * GROUPS
-                    r = (it // (CHUNKS // GROUPS)) * 8 + r8
-                row = row0 + r
-                inside = row < n_rows and ch * EC < head_dim
-                # A zero-byte copy reads nothing, but its address must still be valid.
-                src_row = row if row < n_rows else n_rows - 1
-                src_byte = ch * 16 if inside else 0
-                dst = smem_base + ES * (base + offset(r, ch * EC))
-                ops.cp_async_16(dst, np.uint64(origin + src_row * row_stride + src_byte),
-                                np.uint32(16) if inside else np.uint32(0))
+                ch, r = chunk_and_row_d(it, tid)
+                inside = np.int32(r) < rows_left and np.int32(ch * EC) < np.int32(head_dim)
+                src_addr = tile_origin + (r * row_stride + ch * 16 if inside else 0)
+                dst = smem_base + ES * (base + tile_offset(r, ch * EC))
+                ops.cp_async_16(dst, np.uint64(src_addr), np.uint32(16) if inside else np.uint32(0))
 
         return device(load_tile_async)
 
-    return make_loader, make_offset, mma, pack
+    return make_loader, make_offset, mma, pack, make_steps
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,32 +194,33 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
     MINUS_INF = np.float32(NEG_INF)
     LN2_32 = np.float32(LN2)
 
-    # Shared memory in elements: Q, then two stages of K, then two of V. Stage st's
-    # tiles are at OFF_K + st * K_STAGE and OFF_V + st * V_STAGE.
-    VROW = cfg.v_row
-    K_STAGE = BN * D
-    V_STAGE = BN * VROW
+    # Shared memory in elements: Q, then two stages of K, then two of V, every tile
+    # of cfg.row elements per row. Stage st's tiles are at OFF_K + st * KV_STAGE and
+    # OFF_V + st * KV_STAGE.
+    KV_STAGE = BN * cfg.row
     OFF_Q = 0
-    OFF_K = OFF_Q + BM * D
-    OFF_V = OFF_K + 2 * K_STAGE
-    assert (OFF_V + 2 * V_STAGE) * ES == cfg.forward_shared_bytes
+    OFF_K = OFF_Q + BM * cfg.row
+    OFF_V = OFF_K + 2 * KV_STAGE
+    assert (OFF_V + 2 * KV_STAGE) * ES == cfg.forward_shared_bytes
+    assert (OFF_K * ES) % 128 == 0 and (KV_STAGE * ES) % 128 == 0, cfg   # see make_steps
 
-    make_loader, make_offset, mma, pack = make_mma_tile_ops(cfg, dtype_name)
+    make_loader, make_offset, mma, pack, make_steps = make_mma_tile_ops(cfg, dtype_name)
     load_q = make_loader(BM)
-    load_k = make_loader(BN)
-    q_offset = make_offset(BM)
-    k_offset = make_offset(BN)
+    load_kv = make_loader(BN)
+    # Compile-time parts of the ldmatrix addresses (make_steps), in the order of the
+    # static loops below: Q by (k-step, m-tile), K by (k-step, 16-key block), V by
+    # (16-key block, 16-column block), or (8-key block, 8-column block) for tf32.
+    q_lane, Q_HI, Q_LO = make_steps(
+        D, [w * WM + r for w in range(cfg.warps) for r in range(16)], [0, KW // 2],
+        [(mt * 16, kk * KW) for kk in range(KS) for mt in range(MT)])
+    k_lane, K_HI, K_LO = make_steps(
+        D, range(16), [0, KW // 2], [(nt2 * 16, kk * KW) for kk in range(KS) for nt2 in range(NS // 2)])
     if TF32:
-        # P V's B operand is V[2t][g], V[2t + 1][g]: no ldmatrix.trans for 32-bit
-        # values, so V rows are plain (padded) rows read one value at a time.
-        @device
-        def v_offset(row, col):
-            return row * VROW + col
-
-        load_v = make_loader(BN, v_offset)
+        v_lane, V_HI, V_LO = make_steps(
+            D, range(8), range(8), [(kk * 8, dt * 8) for kk in range(KP) for dt in range(DT)])
     else:
-        v_offset = k_offset
-        load_v = load_k
+        v_lane, V_HI, V_LO = make_steps(
+            D, range(16), [0, 8], [(kk * 16, dt2 * 16) for kk in range(KP) for dt2 in range(DT // 2)])
     _, from_acc = element_codec(dtype_name)
 
     @device
@@ -193,11 +238,11 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
         """Q's A-fragments for k-step kk (KW head-dim columns) of this warp's rows (and
         their small parts ``ql`` when split)."""
         mat = lane >> 3
-        col = kk * KW + (mat >> 1) * (KW // 2)
+        lane_q = ES * OFF_Q + q_lane(warp * WM + (mat & 1) * 8 + (lane & 7), (mat >> 1) * (KW // 2))
         slot = kk if Q_IN_REGS else 0
         for mt in range(MT):
-            row = warp * WM + mt * 16 + (mat & 1) * 8 + (lane & 7)
-            a = ops.ldmatrix_x4(smem_base + ES * (OFF_Q + q_offset(row, col)))
+            i = kk * MT + mt
+            a = ops.ldmatrix_x4(smem_base + ((lane_q ^ Q_LO[i]) + Q_HI[i]))
             for i in range(4):
                 big = operand(a[i])
                 qf[mt, slot, i] = big
@@ -211,7 +256,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
 
     load_q_fragments = static_loop(KS, device(load_q_step))
 
-    def qk_step(step, s, qf, ql, smem_base, k_base, warp, lane):
+    def qk_step(step, s, qf, ql, smem_base, k_off, warp, lane):
         """One KW-dim by 16-key step of S = Q K_j^T: an ldmatrix of K, two mma per m-tile
         (three each when split).
 
@@ -225,9 +270,8 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
             load_q_fragment_d(qf, ql, kk, smem_base, warp, lane)
         q_kk = kk if Q_IN_REGS else 0
         mat = lane >> 3
-        row = nt2 * 16 + (mat >> 1) * 8 + (lane & 7)
-        col = kk * KW + (mat & 1) * (KW // 2)
-        b = ops.ldmatrix_x4(k_base + ES * k_offset(row, col))
+        lane_k = k_off + k_lane((mat >> 1) * 8 + (lane & 7), (mat & 1) * (KW // 2))
+        b = ops.ldmatrix_x4(smem_base + ((lane_k ^ K_LO[step]) + K_HI[step]))
         kb = cuda.local.array(4, np.uint32)
         kl = cuda.local.array(4, np.uint32)
         for i in range(4):
@@ -252,24 +296,30 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
 
     qk_steps = static_loop(NS // 2 * KS, device(qk_step))
 
-    def scores(s, qf, ql, smem_base, k_base, warp, lane):
-        """s = Q K_j^T as mma accumulators; K_j's tile starts at ``k_base``."""
+    def scores(s, qf, ql, smem_base, k_off, warp, lane):
+        """s = Q K_j^T as mma accumulators; K_j's tile is ``k_off`` bytes into shared
+        memory."""
         for mt in range(MT):
             for nt in range(NS):
                 for i in range(4):
                     s[mt, nt, i] = ZERO
-        qk_steps(s, qf, ql, smem_base, k_base, warp, lane)
+        qk_steps(s, qf, ql, smem_base, k_off, warp, lane)
 
     def apply_mask(s, row0, n0, seqlen_q, seqlen_k, lane):
         """-inf for keys past seqlen_k and, when causal, above the diagonal."""
+        # In 32 bits, relative to this thread's first key: the 64-bit compares cost
+        # registers the head-dim-128 causal kernel did not have.
         g = lane >> 2
         t = lane & 3
+        key0 = np.int32(n0 + 2 * t)
+        keys_left = np.int32(seqlen_k) - key0              # keys key0, key0 + 1, ... exist
+        diagonal = np.int32(row0 + g + seqlen_k - seqlen_q) - key0
         for mt in range(MT):
             for i in range(4):
-                row = row0 + mt * 16 + g + 8 * (i >> 1)
+                last = diagonal + np.int32(mt * 16 + 8 * (i >> 1))  # last key this row sees
                 for nt in range(NS):
-                    key = n0 + nt * 8 + 2 * t + (i & 1)
-                    if key >= seqlen_k or (CAUSAL and key > row + seqlen_k - seqlen_q):
+                    k = np.int32(nt * 8 + (i & 1))
+                    if k >= keys_left or (CAUSAL and k > last):
                         s[mt, nt, i] = MINUS_INF
 
     def rescale_step(dt, o, mt, half, alpha):
@@ -335,15 +385,14 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
             pf[mt, step, 2] = pack(s[mt, 2 * step + 1, 0], s[mt, 2 * step + 1, 1])
             pf[mt, step, 3] = pack(s[mt, 2 * step + 1, 2], s[mt, 2 * step + 1, 3])
 
-    def pv_step(step, o, pf, pl, v_base, lane):
+    def pv_step(step, o, pf, pl, smem_base, v_off, lane):
         """One 16-key by 16-column step of O += P V_j: an ldmatrix.trans of V, two mma
         per m-tile."""
         kk = step // (DT // 2)
         dt2 = step - kk * (DT // 2)
         mat = lane >> 3
-        row = kk * 16 + (mat & 1) * 8 + (lane & 7)
-        col = dt2 * 16 + (mat >> 1) * 8
-        vb = ops.ldmatrix_x4_trans(v_base + ES * v_offset(row, col))
+        lane_v = v_off + v_lane((mat & 1) * 8 + (lane & 7), (mat >> 1) * 8)
+        vb = ops.ldmatrix_x4_trans(smem_base + ((lane_v ^ V_LO[step]) + V_HI[step]))
         for mt in range(MT):
             for half in range(2):
                 dt = 2 * dt2 + half
@@ -369,15 +418,15 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
                 if SPLIT:
                     pl[mt, step, i] = remainder(bits, big)
 
-    def pv_step_tf32(step, o, pf, pl, v_base, lane):
+    def pv_step_tf32(step, o, pf, pl, smem_base, v_off, lane):
         """One 8-key by 8-column step of O += P V_j: two 32-bit loads of V, one mma per
         m-tile (three when split)."""
         kk = step // DT
         dt = step - kk * DT
-        key = kk * 8 + 2 * (lane & 3)
-        col = dt * 8 + (lane >> 2)
-        v0 = ops.ld_shared_u32(v_base + ES * v_offset(key, col))
-        v1 = ops.ld_shared_u32(v_base + ES * v_offset(key + 1, col))
+        lane_v0 = v_off + v_lane(2 * (lane & 3), lane >> 2)
+        lane_v1 = v_off + v_lane(2 * (lane & 3) + 1, lane >> 2)
+        v0 = ops.ld_shared_u32(smem_base + ((lane_v0 ^ V_LO[step]) + V_HI[step]))
+        v1 = ops.ld_shared_u32(smem_base + ((lane_v1 ^ V_LO[step]) + V_HI[step]))
         vb0, vb1 = operand(v0), operand(v1)
         vl0, vl1 = (remainder(v0, vb0), remainder(v1, vb1)) if SPLIT else (vb0, vb1)
         for mt in range(MT):
@@ -399,12 +448,12 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
         pack_p_steps = static_loop(KP, device(pack_p))
         pv_steps = static_loop(KP * DT // 2, device(pv_step))
 
-    def accumulate_pv(o, s, v_base, lane):
+    def accumulate_pv(o, s, smem_base, v_off, lane):
         """o += P V_j with P taken from the score accumulators."""
         pf = cuda.local.array((MT, KP, 4), np.uint32)
         pl = cuda.local.array((MT, KP if SPLIT else 1, 4), np.uint32)
         pack_p_steps(pf, pl, s)
-        pv_steps(o, pf, pl, v_base, lane)
+        pv_steps(o, pf, pl, smem_base, v_off, lane)
 
     def store_step(dt, out, o, mt, half, inv, b, row, h, head_dim, t):
         for j in range(2):
@@ -479,8 +528,8 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
         n_start, n_end = key_tile_range(m_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
         if n_start < n_end:
             load_q(smem_base, OFF_Q, q, b, m0, seqlen_q, h, head_dim, tid)
-            load_k(smem_base, OFF_K, k, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
-            load_v(smem_base, OFF_V, v, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
+            load_kv(smem_base, OFF_K, k, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
+            load_kv(smem_base, OFF_V, v, b, n_start * BN, seqlen_k, h_kv, head_dim, tid)
             ops.cp_async_commit()
             ops.cp_async_wait(0)
             cuda.syncthreads()
@@ -495,18 +544,18 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
             cuda.syncthreads()              # K_j, V_j have landed; tile j-1's stage is free
             if n_block + 1 < n_end:
                 other = 1 - stage
-                load_k(smem_base, OFF_K + other * K_STAGE, k, b, n0 + BN, seqlen_k, h_kv,
+                load_kv(smem_base, OFF_K + other * KV_STAGE, k, b, n0 + BN, seqlen_k, h_kv,
                        head_dim, tid)
-                load_v(smem_base, OFF_V + other * V_STAGE, v, b, n0 + BN, seqlen_k, h_kv,
+                load_kv(smem_base, OFF_V + other * KV_STAGE, v, b, n0 + BN, seqlen_k, h_kv,
                        head_dim, tid)
                 ops.cp_async_commit()
-            k_base = smem_base + ES * (OFF_K + stage * K_STAGE)
-            v_base = smem_base + ES * (OFF_V + stage * V_STAGE)
-            scores_d(s, qf, ql, smem_base, k_base, warp, lane)
+            k_off = ES * (OFF_K + stage * KV_STAGE)
+            v_off = ES * (OFF_V + stage * KV_STAGE)
+            scores_d(s, qf, ql, smem_base, k_off, warp, lane)
             if tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL):
                 apply_mask_d(s, row0, n0, seqlen_q, seqlen_k, lane)
             online_softmax_d(s, o, m, l, scale_log2)
-            accumulate_pv_d(o, s, v_base, lane)
+            accumulate_pv_d(o, s, smem_base, v_off, lane)
 
         # ---- Epilogue
         # The inputs' head dim may be zero-padded to a multiple of 8; the output's is not.
