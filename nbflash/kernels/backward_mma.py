@@ -95,7 +95,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     ROW_CHUNKS = BM // 4              # 16-byte chunks of one statistic's rows
     assert 2 * ROW_CHUNKS <= NT, cfg
 
-    make_loader, make_offset, mma, pack, make_steps = make_mma_tile_ops(cfg, dtype_name)
+    make_loader, make_offset, mma, pack, _ = make_mma_tile_ops(cfg, dtype_name)
     load_kv = make_loader(BN)
     load_q = make_loader(BM)
     kv_offset = q_offset = make_offset(D)

@@ -23,7 +23,7 @@ the FlashAttention-2 arrangement:
 - causal tiles above the diagonal are skipped, only the diagonal (and the last,
   partial) tiles are masked.
 
-Shared-memory tiles are row-major with padded rows (see ``make_mma_tile_ops``).
+Shared-memory tiles are row-major and XOR-swizzled (see ``make_mma_tile_ops``).
 """
 import functools
 import math
@@ -39,7 +39,7 @@ from .common import (LN2, NEG_INF, config_name, device, element_codec, kernel,
 
 def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
     """Device functions shared by the tensor-core kernels for one configuration:
-    ``(make_loader, make_offset, mma, pack)``.
+    ``(make_loader, make_offset, mma, pack, make_steps)``.
 
     Shared-memory tiles are row-major and XOR-swizzled in 16-byte chunks: within
     each 128-byte line, chunk slot s holds chunk ``s ^ key`` with ``key`` the row's
@@ -241,8 +241,8 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
         lane_q = ES * OFF_Q + q_lane(warp * WM + (mat & 1) * 8 + (lane & 7), (mat >> 1) * (KW // 2))
         slot = kk if Q_IN_REGS else 0
         for mt in range(MT):
-            i = kk * MT + mt
-            a = ops.ldmatrix_x4(smem_base + ((lane_q ^ Q_LO[i]) + Q_HI[i]))
+            step = kk * MT + mt
+            a = ops.ldmatrix_x4(smem_base + ((lane_q ^ Q_LO[step]) + Q_HI[step]))
             for i in range(4):
                 big = operand(a[i])
                 qf[mt, slot, i] = big
@@ -545,9 +545,9 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
             if n_block + 1 < n_end:
                 other = 1 - stage
                 load_kv(smem_base, OFF_K + other * KV_STAGE, k, b, n0 + BN, seqlen_k, h_kv,
-                       head_dim, tid)
+                        head_dim, tid)
                 load_kv(smem_base, OFF_V + other * KV_STAGE, v, b, n0 + BN, seqlen_k, h_kv,
-                       head_dim, tid)
+                        head_dim, tid)
                 ops.cp_async_commit()
             k_off = ES * (OFF_K + stage * KV_STAGE)
             v_off = ES * (OFF_V + stage * KV_STAGE)
