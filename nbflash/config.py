@@ -127,6 +127,9 @@ class MmaConfig:
     q_in_registers: bool = True
     #: 2 for float16/bfloat16 tiles, 4 for float32 tiles on tf32 tensor cores.
     element_bytes: int = 2
+    #: The backward's dQ columns in this many passes (0: the kernel's default, see
+    #: kernels/backward_mma.py).
+    dq_passes: int = 0
 
     @property
     def threads(self):

@@ -390,13 +390,13 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     scale_acc, scale_log2 = acc(scale), acc(scale * LOG2E)
     row_inputs = [_kernel_view(dout), _kernel_view(out)]
     if mma:
-        # One buffer of (lse log2 e, Delta) per row, padded to whole query tiles.
+        # One buffer of (lse log2 e, scale Delta) per row, padded to whole query tiles.
         stats = _empty((batch, nheads, 2, _cdiv(seqlen_q, cfg.block_m) * cfg.block_m), acc)
         pre = get_kernel(("stats", name), lambda: build_stats(name),
-                         [array_type(store, 4)] * 2 + [array_type(acc, 3), array_type(acc, 4)],
-                         0)
+                         [array_type(store, 4)] * 2 + [array_type(acc, 3), array_type(acc, 4),
+                                                       scalar_type(scale_acc)], 0)
         pre((_cdiv(stats.shape[3], ROWS_PER_BLOCK), nheads, batch), (ROW_THREADS,),
-            row_inputs + [lse, stats])
+            row_inputs + [lse, stats, scale_acc])
         # The tensor-core kernel reads q, k, v, dout as uint16 in the chunk layout.
         inputs = [_chunk_layout(x).view(np.uint16) for x in (q, k, v, dout)] + [stats]
         kind, build = "backward_mma", build_backward_mma

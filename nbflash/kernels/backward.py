@@ -103,10 +103,12 @@ def build_preprocess(dtype_name: str):
 
 @functools.lru_cache(maxsize=None)
 def build_stats(dtype_name: str):
-    """``stats(dout, out, lse, stats)``, the tensor-core backward's pre-pass: for each
-    query row i, stats[b, h, 0, i] = lse[b, h, i] log2(e) and stats[b, h, 1, i] =
-    dO_i . O_i (Delta). Rows that see no key (lse = -inf) and the padding rows past
-    seqlen_q get +inf and 0, which make their probabilities exp2(-inf) = 0.
+    """``stats(dout, out, lse, stats, scale)``, the tensor-core backward's pre-pass: for
+    each query row i, stats[b, h, 0, i] = lse[b, h, i] log2(e) and stats[b, h, 1, i] =
+    scale dO_i . O_i (Delta times the softmax scale, so that the backward forms
+    scale (dP - Delta) in one fused multiply-add). Rows that see no key (lse = -inf)
+    and the padding rows past seqlen_q get +inf and 0, which make their
+    probabilities exp2(-inf) = 0.
 
     ``stats`` is (batch, nheads, 2, seqlen_q rounded up to whole query tiles), so the
     backward copies a tile's rows as whole 16-byte chunks. Grid
@@ -116,14 +118,14 @@ def build_stats(dtype_name: str):
     LOG2E_32 = np.float32(LOG2E)
 
     @kernel(f"stats_{dtype_name}", dtype_name)
-    def stats_kernel(dout, out, lse, stats):
+    def stats_kernel(dout, out, lse, stats, scale):
         lane, first, step, stop = warp_rows()
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         seqlen_q = out.shape[1]
         for row in range(first, min(stop, stats.shape[3]), step):
             if row < seqlen_q:
-                total = np.float32(dot(dout, out, b, row, h, lane))
+                total = np.float32(dot(dout, out, b, row, h, lane)) * scale
                 x = lse[b, h, row]
                 x = INF if x == -INF else x * LOG2E_32
             else:

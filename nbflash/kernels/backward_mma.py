@@ -26,7 +26,7 @@ logits, bounded by the outputs' size.
 Q_i, dO_i and the rows' statistics stream through two stages of shared memory:
 tile i+1's are copied with cp.async during all of tile i's work. The statistics come
 from the pre-pass as one float32 buffer ``stats[b, h, 0 | 1, row]`` = (lse log2 e,
-Delta), padded to whole query tiles, so that they travel by cp.async like the tiles;
+scale Delta), padded to whole query tiles, so that they travel by cp.async like the tiles;
 query rows past seqlen_q and rows that see no key carry lse log2 e = +inf there, so
 their P is exp2(-inf) = 0 without a special case.
 """
@@ -68,7 +68,8 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     KK = BN // 16         # k-steps of 16 over the keys (dQ = dS K)
     # Two column passes at large head dims keep dQ's accumulator small; with more
     # warps than 16-row blocks they give the spare warps work.
-    DQ_PASSES = 2 if D >= 128 or BM // 16 < NW else 1
+    DQ_PASSES = cfg.dq_passes or (2 if D >= 128 or BM // 16 < NW else 1)
+    assert DT % (2 * DQ_PASSES) == 0, cfg
     DTP = DT // DQ_PASSES  # dQ column n-tiles per pass
     # dQ's work units: 16 query rows by one pass's columns, dealt round-robin to the
     # warps (64 x 128 tiles over 8 warps: 4 row blocks x 2 passes, one unit per warp).
@@ -79,7 +80,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     MINUS_INF = np.float32(NEG_INF)
 
     # Shared memory, in 16-bit elements: K, V, two stages of (Q, dO), dS^T, then two
-    # stages of the float32 rows (lse log2 e, then Delta). Stage s of Q is at
+    # stages of the float32 rows (lse log2 e, then scale Delta). Stage s of Q is at
     # OFF_Q + s * QSTAGE, its dO at OFF_DO + s * QSTAGE, its rows at float s * RSTAGE.
     # Tiles are swizzled (forward_mma.make_mma_tile_ops), rows of cfg.row elements.
     ROW = cfg.row
@@ -95,111 +96,155 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     ROW_CHUNKS = BM // 4              # 16-byte chunks of one statistic's rows
     assert 2 * ROW_CHUNKS <= NT, cfg
 
-    make_loader, make_offset, mma, pack, _ = make_mma_tile_ops(cfg, dtype_name)
+    make_loader, _, mma, pack, make_steps = make_mma_tile_ops(cfg, dtype_name)
     load_kv = make_loader(BN)
     load_q = make_loader(BM)
-    kv_offset = q_offset = make_offset(D)
-    ds_offset = make_offset(BM)
+    # Byte offsets of the tiles; make_steps wants each at a multiple of 128 bytes.
+    K_AT, V_AT, Q_AT, DO_AT, DS_AT = (2 * x for x in (OFF_K, OFF_V, OFF_Q, OFF_DO, OFF_DS))
+    assert all(x % 128 == 0 for x in (K_AT, V_AT, Q_AT, DO_AT, DS_AT, 2 * QSTAGE)), cfg
+    # ldmatrix (and dS^T's store) addresses split by make_steps into a per-lane offset
+    # and compile-time parts; lane (mat, r8) = (lane >> 3, lane & 7) of each x4:
+    # - KEY_*: a key tile (K, V) as the A operand of S^T, dP^T: row 16 warp + 8 (mat & 1)
+    #   + r8, column 8 (mat >> 1); step kk at (0, 16 kk).
+    # - QRY_*: a query tile (Q, dO) as their B operand: row 8 (mat >> 1) + r8, column
+    #   8 (mat & 1); step (kk, nq2) at (16 nq2, 16 kk).
+    # - TRN_*: a D-wide tile read transposed (Q, dO as dK's and dV's B operand, K as
+    #   dQ's): row 8 (mat & 1) + r8, column 8 (mat >> 1); step (r, c) at (16 r, 16 c).
+    # - DSW_*: this thread's dS^T values, row 16 warp + g (+ 8), column 2 t (+ 8 nq).
+    # - DSR_*: dS read transposed as dQ's A operand: row 8 (mat >> 1) + r8, column
+    #   16 rows + 8 (mat & 1) for the unit's 16-row block; step kk at (16 kk, 0).
+    warp_rows = [w * 16 + r for w in range(NW) for r in range(16)]
+    key_lane, KEY_HI, KEY_LO = make_steps(
+        D, warp_rows, [0, 8], [(0, 16 * kk) for kk in range(KS)])
+    qry_lane, QRY_HI, QRY_LO = make_steps(
+        D, range(16), [0, 8], [(16 * nq2, 16 * kk) for kk in range(KS) for nq2 in range(NQ // 2)])
+    TRN_ROWS = max(KQ, KK)
+    trn_lane, TRN_HI, TRN_LO = make_steps(
+        D, range(16), [0, 8], [(16 * r, 16 * c) for r in range(TRN_ROWS) for c in range(DT // 2)])
+    dsw_lane, DSW_HI, DSW_LO = make_steps(
+        BM, [w * 16 + g for w in range(NW) for g in range(8)], range(0, 8, 2),
+        [(8 * rh, 8 * nq) for nq in range(NQ) for rh in range(2)])
+    dsr_lane, DSR_HI, DSR_LO = make_steps(
+        BM, range(16), [16 * r + c for r in range(BM // 16) for c in (0, 8)],
+        [(16 * kk, 0) for kk in range(KK)])
     _, from_acc = element_codec(dtype_name)
     F32 = from_dtype(np.float32)
 
     def load_query_tile(smem_base, stage, q, dout, stats, b, h, m0, seqlen_q, head_dim, tid):
-        """cp.async of Q_i, dO_i and the rows' (lse log2 e, Delta) into ``stage``."""
+        """cp.async of Q_i, dO_i and the rows' (lse log2 e, scale Delta) into ``stage``."""
         qs = stage * QSTAGE
         load_q(smem_base, OFF_Q + qs, q, b, m0, seqlen_q, h, head_dim, tid)
         load_q(smem_base, OFF_DO + qs, dout, b, m0, seqlen_q, h, head_dim, tid)
         if tid < 2 * ROW_CHUNKS:
-            which = tid // ROW_CHUNKS          # 0: lse log2 e, 1: Delta
+            which = tid // ROW_CHUNKS          # 0: lse log2 e, 1: scale Delta
             chunk = tid - which * ROW_CHUNKS
             dst = smem_base + 2 * OFF_ROWS + 4 * (stage * RSTAGE + which * BM + 4 * chunk)
             ops.cp_async_16(dst, ops.global_addr(stats, b, h, which, m0 + 4 * chunk),
                             np.uint32(16))
 
-    def keys_by_queries(kk, nq2, acc, slot, a_off, b_off, smem_base, warp, lane):
-        """One 16-dim by 16-query step of acc = A B^T for this warp's 16 keys, with A a
-        key tile (K or V) and B a query tile (Q or dO) in shared memory: query n-tiles
-        2 nq2 and 2 nq2 + 1 go to acc[slot] and acc[slot + 1]."""
-        mat = lane >> 3
-        r8 = lane & 7
-        a = ops.ldmatrix_x4(smem_base + 2 * (a_off + kv_offset(
-            warp * 16 + (mat & 1) * 8 + r8, kk * 16 + (mat >> 1) * 8)))
-        bq = ops.ldmatrix_x4(smem_base + 2 * (b_off + q_offset(
-            nq2 * 16 + (mat >> 1) * 8 + r8, kk * 16 + (mat & 1) * 8)))
-        for half in range(2):
-            c = mma(a[0], a[1], a[2], a[3], bq[2 * half], bq[2 * half + 1],
-                    acc[slot + half, 0], acc[slot + half, 1], acc[slot + half, 2],
-                    acc[slot + half, 3])
-            for i in range(4):
-                acc[slot + half, i] = c[i]
+    def make_keys_by_queries(pairs):
+        """``product(acc, nq2_0, a_at, b_at, smem_base, warp, lane)``: acc += A B^T
+        for this warp's 16 keys and queries [16 nq2_0, 16 (nq2_0 + pairs)), with A a key
+        tile (K or V) ``a_at`` bytes into shared memory and B a query tile (Q or dO) at
+        ``b_at``; acc's n-tile 2 j + half holds query n-tile 2 (nq2_0 + j) + half.
+        k-step by k-step, A's fragment is loaded once for all the pairs of n-tiles."""
+        def pair_step(j, acc, a, kk, nq2_0, b_at, smem_base, lane):
+            mat = lane >> 3
+            lb = b_at + qry_lane((mat >> 1) * 8 + (lane & 7), (mat & 1) * 8)
+            i = kk * (NQ // 2) + nq2_0 + j
+            bq = ops.ldmatrix_x4(smem_base + ((lb ^ QRY_LO[i]) + QRY_HI[i]))
+            for half in range(2):
+                n = 2 * j + half
+                c = mma(a[0], a[1], a[2], a[3], bq[2 * half], bq[2 * half + 1],
+                        acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
+                for r in range(4):
+                    acc[n, r] = c[r]
 
-    keys_by_queries_d = device(keys_by_queries)
+        pair_steps = static_loop(pairs, device(pair_step))
 
-    def st_step(step, st, qs, smem_base, warp, lane):
-        kk = step // (NQ // 2)
-        nq2 = step - kk * (NQ // 2)
-        keys_by_queries_d(kk, nq2, st, 2 * nq2, OFF_K, OFF_Q + qs, smem_base, warp, lane)
+        def k_step(kk, acc, nq2_0, a_at, b_at, smem_base, warp, lane):
+            mat = lane >> 3
+            la = a_at + key_lane(warp * 16 + (mat & 1) * 8 + (lane & 7), (mat >> 1) * 8)
+            a = ops.ldmatrix_x4(smem_base + ((la ^ KEY_LO[kk]) + KEY_HI[kk]))
+            pair_steps(acc, a, kk, nq2_0, b_at, smem_base, lane)
 
-    st_steps = static_loop(KS * NQ // 2, device(st_step))       # S^T = K Q^T
+        return static_loop(KS, device(k_step))
 
-    def dpt_step(kk, acc, nq2, b_off, smem_base, warp, lane):
-        keys_by_queries_d(kk, nq2, acc, 0, OFF_V, b_off, smem_base, warp, lane)
+    st_product = make_keys_by_queries(NQ // 2)          # S^T = K Q^T, all queries
+    # dP^T = V dO^T, DP_PAIRS pairs of query n-tiles at a time: all of it at once would
+    # keep NQ * 4 more accumulators live beside P^T's. ptxas reuses V's fragments
+    # across groups anyway (the same SASS ldmatrix count for 1 and 2 pairs), and 2
+    # pairs spilled 24 bytes more at head dim 128 (tests/ptx_check.py).
+    DP_PAIRS = 1
+    DPN = 2 * DP_PAIRS     # query n-tiles per group
+    assert KQ % DP_PAIRS == 0, cfg
+    dpt_product = make_keys_by_queries(DP_PAIRS)
 
-    dpt_steps = static_loop(KS, device(dpt_step))
+    def ds_step(group, frag, pt, rows_f32, rs, qs, scale, smem_base, warp, lane):
+        """dS^T = P^T (scale dP^T - scale Delta) for query n-tile pairs [DP_PAIRS group,
+        DP_PAIRS (group + 1)), packed into frag[nq2] as A-fragments of dK's product.
 
-    def ds_step(nq2, frag, pt, rows_f32, rs, qs, scale, smem_base, warp, lane):
-        """dS^T = scale P^T (dP^T - Delta) for queries [16 nq2, 16 nq2 + 16), packed into
-        frag[nq2] as the A-fragment of dK's product.
-
-        dP^T is computed here 16 queries at a time, so that only 8 of its accumulators
-        are live beside P^T's. P^T is taken in float32, as FlashAttention-2 does: P
-        rounded to 16 bits (as dV's product takes it) would add its rounding to dS's
-        and double dQ's error."""
+        P^T is taken in float32, as FlashAttention-2 does: P rounded to 16 bits (as
+        dV's product takes it) would add its rounding to dS's and double dQ's error."""
         t = lane & 3
-        dpt = cuda.local.array((2, 4), np.float32)
-        for half in range(2):
+        dpt = cuda.local.array((DPN, 4), np.float32)
+        for n in range(DPN):
             for i in range(4):
-                dpt[half, i] = ZERO
-        dpt_steps(dpt, nq2, OFF_DO + qs, smem_base, warp, lane)
-        ds = cuda.local.array((2, 4), np.float32)
-        for half in range(2):
-            nq = 2 * nq2 + half
-            delta0 = rows_f32[rs + BM + nq * 8 + 2 * t]
+                dpt[n, i] = ZERO
+        nq2_0 = group * DP_PAIRS
+        dpt_product(dpt, nq2_0, V_AT, DO_AT + qs, smem_base, warp, lane)
+        ds = cuda.local.array((DPN, 4), np.float32)
+        for n in range(DPN):
+            nq = 2 * nq2_0 + n
+            delta0 = rows_f32[rs + BM + nq * 8 + 2 * t]          # scale Delta
             delta1 = rows_f32[rs + BM + nq * 8 + 2 * t + 1]
             for rh in range(2):
-                ds[half, 2 * rh] = (pt[nq, 2 * rh] * scale) * (dpt[half, 2 * rh] - delta0)
-                ds[half, 2 * rh + 1] = ((pt[nq, 2 * rh + 1] * scale)
-                                        * (dpt[half, 2 * rh + 1] - delta1))
-        frag[nq2, 0] = pack(ds[0, 0], ds[0, 1])
-        frag[nq2, 1] = pack(ds[0, 2], ds[0, 3])
-        frag[nq2, 2] = pack(ds[1, 0], ds[1, 1])
-        frag[nq2, 3] = pack(ds[1, 2], ds[1, 3])
+                ds[n, 2 * rh] = pt[nq, 2 * rh] * cuda.fma(dpt[n, 2 * rh], scale, -delta0)
+                ds[n, 2 * rh + 1] = pt[nq, 2 * rh + 1] * cuda.fma(dpt[n, 2 * rh + 1], scale,
+                                                                  -delta1)
+        for j in range(DP_PAIRS):
+            frag[nq2_0 + j, 0] = pack(ds[2 * j, 0], ds[2 * j, 1])
+            frag[nq2_0 + j, 1] = pack(ds[2 * j, 2], ds[2 * j, 3])
+            frag[nq2_0 + j, 2] = pack(ds[2 * j + 1, 0], ds[2 * j + 1, 1])
+            frag[nq2_0 + j, 3] = pack(ds[2 * j + 1, 2], ds[2 * j + 1, 3])
 
-    ds_steps = static_loop(KQ, device(ds_step))
+    ds_steps = static_loop(KQ // DP_PAIRS, device(ds_step))
 
-    def probabilities(st, rows_f32, rs, n0, m0, seqlen_q, seqlen_k, masked, scale_log2, warp,
-                      lane):
-        """st: S^T -> P^T = exp2(S^T c - lse log2 e), 0 where masked."""
+    def mask_scores(st, n0, m0, seqlen_q, seqlen_k, warp, lane):
+        """S^T = -inf for keys past seqlen_k and, when causal, above the diagonal.
+
+        Called on the tiles that need it only (``tile_needs_mask``), apart from the
+        exponentials: a test inside their loop was turned into 32 selects that every
+        tile ran. In 32 bits, relative to this thread's first key."""
         g = lane >> 2
+        t = lane & 3
+        key0 = np.int32(n0 + warp * 16 + g)
+        keys_left = np.int32(seqlen_k) - key0             # keys key0, key0 + 1, ... exist
+        # query m0 + q sees key0 + r up to r = q + diagonal
+        diagonal = np.int32(m0 + seqlen_k - seqlen_q) - key0
+        for nq in range(NQ):
+            for i in range(4):
+                r = np.int32(8 * (i >> 1))
+                q = np.int32(nq * 8 + (i & 1)) + 2 * t
+                if r >= keys_left or (CAUSAL and r > q + diagonal):
+                    st[nq, i] = MINUS_INF
+
+    def probabilities(st, rows_f32, rs, scale_log2, lane):
+        """st: S^T -> P^T = exp2(S^T c - lse log2 e) (masked scores are -inf: c > 0)."""
         t = lane & 3
         for nq in range(NQ):
             for i in range(4):
                 col = nq * 8 + 2 * t + (i & 1)            # query within the tile
-                x = cuda.fma(st[nq, i], scale_log2, -rows_f32[rs + col])
-                if masked:
-                    key = n0 + warp * 16 + g + 8 * (i >> 1)
-                    query = m0 + col
-                    if key >= seqlen_k or (CAUSAL and key > query + seqlen_k - seqlen_q):
-                        x = MINUS_INF
-                st[nq, i] = ops.ex2(x)
+                st[nq, i] = ops.ex2(cuda.fma(st[nq, i], scale_log2, -rows_f32[rs + col]))
 
-    def grad_step(step, acc, frag, b_off, smem_base, lane):
+    def grad_step(step, acc, frag, b_at, smem_base, lane):
         """One 16-query by 16-column step of acc += A B, A a P^T or dS^T fragment held
-        in registers, B a query tile (dO or Q) in shared memory."""
+        in registers, B a query tile (dO or Q) ``b_at`` bytes into shared memory."""
         kq = step // (DT // 2)
         dt2 = step - kq * (DT // 2)
         mat = lane >> 3
-        bq = ops.ldmatrix_x4_trans(smem_base + 2 * (b_off + q_offset(
-            kq * 16 + (mat & 1) * 8 + (lane & 7), dt2 * 16 + (mat >> 1) * 8)))
+        lb = b_at + trn_lane((mat & 1) * 8 + (lane & 7), (mat >> 1) * 8)
+        bq = ops.ldmatrix_x4_trans(smem_base + ((lb ^ TRN_LO[step]) + TRN_HI[step]))
         for half in range(2):
             dt = 2 * dt2 + half
             c = mma(frag[kq, 0], frag[kq, 1], frag[kq, 2], frag[kq, 3],
@@ -223,11 +268,13 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
         g = lane >> 2
         t = lane & 3
         kq = step
+        lane_at = DS_AT + dsw_lane(warp * 16 + g, 2 * t)
         for half in range(2):
             nq = 2 * kq + half
             for rh in range(2):
-                off = OFF_DS + ds_offset(warp * 16 + g + 8 * rh, nq * 8 + 2 * t)
-                ops.st_shared_u32(smem_base + 2 * off, frag[kq, 2 * half + rh])
+                i = 2 * nq + rh
+                ops.st_shared_u32(smem_base + ((lane_at ^ DSW_LO[i]) + DSW_HI[i]),
+                                  frag[kq, 2 * half + rh])
 
     store_ds_steps = static_loop(KQ, device(store_ds))
 
@@ -246,10 +293,11 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
             mat = lane >> 3
             r8 = lane & 7
             # A = dS (queries x keys) is the transpose of the stored dS^T: ldmatrix.trans.
-            a = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_DS + ds_offset(
-                kk * 16 + (mat >> 1) * 8 + r8, rows * 16 + (mat & 1) * 8)))
-            kb = ops.ldmatrix_x4_trans(smem_base + 2 * (OFF_K + kv_offset(
-                kk * 16 + (mat & 1) * 8 + r8, COL0 + dt2 * 16 + (mat >> 1) * 8)))
+            la = DS_AT + dsr_lane((mat >> 1) * 8 + r8, rows * 16 + (mat & 1) * 8)
+            lk = K_AT + trn_lane((mat & 1) * 8 + r8, (mat >> 1) * 8)
+            i = kk * (DT // 2) + COL0 // 16 + dt2
+            a = ops.ldmatrix_x4_trans(smem_base + ((la ^ DSR_LO[kk]) + DSR_HI[kk]))
+            kb = ops.ldmatrix_x4_trans(smem_base + ((lk ^ TRN_LO[i]) + TRN_HI[i]))
             for half in range(2):
                 dt = 2 * dt2 + half
                 c = mma(a[0], a[1], a[2], a[3], kb[2 * half], kb[2 * half + 1],
@@ -266,23 +314,55 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
                 for i in range(4):
                     dq[dt, i] = ZERO
             steps(dq, smem_base, rows, lane)
-            for half in range(2):
-                row = m0 + rows * 16 + g + 8 * half
-                if row < seqlen_q:
-                    # One address per row; each pair's offset is a constant plus 8 t.
-                    # dq_accum's head dim is a multiple of 8, so a pair is inside whole
-                    # or not at all, and 8-byte aligned.
-                    base = ops.global_addr(dq_accum, b, row, h, 0) + np.uint64(8 * t)
+            # One address per thread; each pair's offset from it is a constant. dq_accum
+            # is nbflash's own contiguous buffer and its head dim a multiple of 8, so a
+            # pair is inside whole or not at all, and 8-byte aligned. The address of a
+            # row past seqlen_q is formed but never used.
+            row = m0 + rows * 16 + g
+            base = ops.global_addr(dq_accum, b, row, h, 0) + np.uint64(4 * COL0 + 8 * t)
+            row8 = np.uint64(8 * dq_accum.strides[1])
+            if m0 + BM <= seqlen_q and dq_accum.shape[3] == D:
+                # Interior tiles, at full head dims: no tests. (Each test cost a branch and
+                # a reconvergence barrier per reduction in the SASS.)
+                for half in range(2):
                     for dt in range(DTP):
-                        col = COL0 + dt * 8 + 2 * t
-                        if col < dq_accum.shape[3]:
-                            ops.red_add_f32x2(base + np.uint64(4 * (COL0 + dt * 8)),
-                                              dq[dt, 2 * half], dq[dt, 2 * half + 1])
+                        ops.red_add_f32x2(base + (half * row8 + np.uint64(32 * dt)),
+                                          dq[dt, 2 * half], dq[dt, 2 * half + 1])
+            else:
+                rows_left = np.int32(seqlen_q - row)
+                cols_left = np.int32(dq_accum.shape[3]) - np.int32(COL0 + 2 * t)
+                for half in range(2):
+                    if np.int32(8 * half) < rows_left:
+                        for dt in range(DTP):
+                            if np.int32(8 * dt) < cols_left:
+                                ops.red_add_f32x2(base + (half * row8 + np.uint64(32 * dt)),
+                                                  dq[dt, 2 * half], dq[dt, 2 * half + 1])
 
         return device(dq_pass)
 
-    dq_first = make_dq_pass(0)
-    dq_second = make_dq_pass(1) if DQ_PASSES == 2 else dq_first
+    def make_dq_passes(first):
+        """``run(which, ...)``: pass ``which`` (at least ``first``) of the dQ columns;
+        each pass is compiled for its own columns."""
+        this = make_dq_pass(first)
+        if first == DQ_PASSES - 1:
+            if first == 0:
+                return this
+
+            def last(which, dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane):
+                this(dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane)
+
+            return device(last)
+        rest = make_dq_passes(first + 1)
+
+        def run(which, dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane):
+            if which == first:
+                this(dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane)
+            else:
+                rest(which, dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane)
+
+        return device(run)
+
+    dq_passes = make_dq_passes(0)
 
     def zero_step(dt, acc):
         for i in range(4):
@@ -306,6 +386,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     store_steps = static_loop(DT, device(store_step))
     load_query_tile_d = device(load_query_tile)
     probabilities_d = device(probabilities)
+    mask_scores_d = device(mask_scores)
     U16 = from_dtype(np.uint16)
 
     @kernel(f"backward_mma_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}"
@@ -360,7 +441,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
             for it in range(total):
                 m0 = m_block * BM
                 stage = it & 1
-                qs = stage * QSTAGE
+                qs = stage * (2 * QSTAGE)      # bytes
                 rs = stage * RSTAGE
                 ops.cp_async_wait(0)
                 cuda.syncthreads()         # tile it has landed; tile it-1's stage is free
@@ -377,24 +458,25 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
                 # pt holds S^T, then P^T in float32; frag the 16-bit A-fragments of
                 # P^T, then of dS^T.
                 zero_acc(pt)
-                st_steps(pt, qs, smem_base, warp, lane)               # S^T = K Q^T
-                masked = tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
-                probabilities_d(pt, rows_f32, rs, n0, m0, seqlen_q, seqlen_k, masked,
-                                scale_log2, warp, lane)
+                st_product(pt, 0, K_AT, Q_AT + qs, smem_base, warp, lane)  # S^T = K Q^T
+                if tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL):
+                    mask_scores_d(pt, n0, m0, seqlen_q, seqlen_k, warp, lane)
+                probabilities_d(pt, rows_f32, rs, scale_log2, lane)
                 pack_steps(frag, pt)
-                grad_steps(dv_acc, frag, OFF_DO + qs, smem_base, lane)  # dV += P^T dO
+                grad_steps(dv_acc, frag, DO_AT + qs, smem_base, lane)  # dV += P^T dO
                 ds_steps(frag, pt, rows_f32, rs, qs, scale, smem_base, warp, lane)  # dS^T
-                grad_steps(dk_acc, frag, OFF_Q + qs, smem_base, lane)   # dK += dS^T Q
+                grad_steps(dk_acc, frag, Q_AT + qs, smem_base, lane)   # dK += dS^T Q
                 store_ds_steps(frag, smem_base, warp, lane)
                 cuda.syncthreads()         # dS^T is visible
 
                 # dQ_i += dS K_j: each unit sums all BN keys for its 16 rows and columns.
                 for unit in range(warp, DQ_UNITS, NW):
                     rows = unit // DQ_PASSES
-                    if unit % DQ_PASSES == 0:
-                        dq_first(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, rows, lane)
+                    if DQ_PASSES == 1:
+                        dq_passes(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, rows, lane)
                     else:
-                        dq_second(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, rows, lane)
+                        dq_passes(unit % DQ_PASSES, dq, dq_accum, smem_base, dq_b, h, m0,
+                                  seqlen_q, rows, lane)
                 h = h_next
                 m_block = m_next
 

@@ -45,6 +45,8 @@ def config_name(cfg):
     parts = [f"{cfg.block_m}x{cfg.block_n}", f"d{cfg.head_dim}"]
     if hasattr(cfg, "warps"):
         parts.append(f"{cfg.warps}w" + ("_qreg" if cfg.q_in_registers else ""))
+        if getattr(cfg, "dq_passes", 0):
+            parts.append(f"dq{cfg.dq_passes}")
     else:
         parts.append(f"{cfg.threads}t{cfg.thread_cols}c")
     return "_".join(parts)
