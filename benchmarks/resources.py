@@ -36,7 +36,10 @@ def describe(key, kern):
     threads = getattr(cfg, "threads", None)
     return {"kernel": kind, "dtype": next(x for x in key if isinstance(x, str) and x != kind),
             "tile": (f"{cfg.block_m}, {cfg.block_n}, {cfg.head_dim}, {threads}" if cfg else "-"),
-            "causal": key[-1] if isinstance(key[-1], bool) else "-", **kern.resources()}
+            # (kind, cfg, dtype, causal, ...): the backward's keys end with the
+            # deterministic flag, the tensor-core forward's with its tf32 passes.
+            "causal": key[3] if len(key) > 3 and isinstance(key[3], bool) else "-",
+            **kern.resources()}
 
 
 def main(argv=None):
