@@ -142,6 +142,16 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
             ops.cp_async_16(dst, ops.global_addr(stats, b, h, which, m0 + 4 * chunk),
                             np.uint32(16))
 
+    @device
+    def mma_pair(acc, n, a0, a1, a2, a3, b):
+        """acc[n] and acc[n + 1] += A times the two 8-column halves of an ldmatrix x4
+        B fragment ``b``: the step every product of this kernel repeats."""
+        for half in range(2):
+            c = mma(a0, a1, a2, a3, b[2 * half], b[2 * half + 1],
+                    acc[n + half, 0], acc[n + half, 1], acc[n + half, 2], acc[n + half, 3])
+            for r in range(4):
+                acc[n + half, r] = c[r]
+
     def make_keys_by_queries(pairs):
         """``product(acc, nq2_0, a_at, b_at, smem_base, warp, lane)``: acc += A B^T
         for this warp's 16 keys and queries [16 nq2_0, 16 (nq2_0 + pairs)), with A a key
@@ -153,12 +163,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
             lb = b_at + qry_lane((mat >> 1) * 8 + (lane & 7), (mat & 1) * 8)
             i = kk * (NQ // 2) + nq2_0 + j
             bq = ops.ldmatrix_x4(smem_base + ((lb ^ QRY_LO[i]) + QRY_HI[i]))
-            for half in range(2):
-                n = 2 * j + half
-                c = mma(a[0], a[1], a[2], a[3], bq[2 * half], bq[2 * half + 1],
-                        acc[n, 0], acc[n, 1], acc[n, 2], acc[n, 3])
-                for r in range(4):
-                    acc[n, r] = c[r]
+            mma_pair(acc, 2 * j, a[0], a[1], a[2], a[3], bq)
 
         pair_steps = static_loop(pairs, device(pair_step))
 
@@ -245,13 +250,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
         mat = lane >> 3
         lb = b_at + trn_lane((mat & 1) * 8 + (lane & 7), (mat >> 1) * 8)
         bq = ops.ldmatrix_x4_trans(smem_base + ((lb ^ TRN_LO[step]) + TRN_HI[step]))
-        for half in range(2):
-            dt = 2 * dt2 + half
-            c = mma(frag[kq, 0], frag[kq, 1], frag[kq, 2], frag[kq, 3],
-                    bq[2 * half], bq[2 * half + 1],
-                    acc[dt, 0], acc[dt, 1], acc[dt, 2], acc[dt, 3])
-            for i in range(4):
-                acc[dt, i] = c[i]
+        mma_pair(acc, 2 * dt2, frag[kq, 0], frag[kq, 1], frag[kq, 2], frag[kq, 3], bq)
 
     grad_steps = static_loop(KQ * DT // 2, device(grad_step))
 
@@ -298,12 +297,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
             i = kk * (DT // 2) + COL0 // 16 + dt2
             a = ops.ldmatrix_x4_trans(smem_base + ((la ^ DSR_LO[kk]) + DSR_HI[kk]))
             kb = ops.ldmatrix_x4_trans(smem_base + ((lk ^ TRN_LO[i]) + TRN_HI[i]))
-            for half in range(2):
-                dt = 2 * dt2 + half
-                c = mma(a[0], a[1], a[2], a[3], kb[2 * half], kb[2 * half + 1],
-                        acc[dt, 0], acc[dt, 1], acc[dt, 2], acc[dt, 3])
-                for i in range(4):
-                    acc[dt, i] = c[i]
+            mma_pair(acc, 2 * dt2, a[0], a[1], a[2], a[3], kb)
 
         steps = static_loop(KK * DTP // 2, device(dq_step))
 
@@ -345,9 +339,6 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
         each pass is compiled for its own columns."""
         this = make_dq_pass(first)
         if first == DQ_PASSES - 1:
-            if first == 0:
-                return this
-
             def last(which, dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane):
                 this(dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane)
 
@@ -471,12 +462,8 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
 
                 # dQ_i += dS K_j: each unit sums all BN keys for its 16 rows and columns.
                 for unit in range(warp, DQ_UNITS, NW):
-                    rows = unit // DQ_PASSES
-                    if DQ_PASSES == 1:
-                        dq_passes(dq, dq_accum, smem_base, dq_b, h, m0, seqlen_q, rows, lane)
-                    else:
-                        dq_passes(unit % DQ_PASSES, dq, dq_accum, smem_base, dq_b, h, m0,
-                                  seqlen_q, rows, lane)
+                    dq_passes(unit % DQ_PASSES, dq, dq_accum, smem_base, dq_b, h, m0,
+                              seqlen_q, unit // DQ_PASSES, lane)
                 h = h_next
                 m_block = m_next
 
