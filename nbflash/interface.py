@@ -280,12 +280,20 @@ def _data_ptr(x):
     return x.ctypes.data if isinstance(x, np.ndarray) else x.data.ptr
 
 
+#: The tensor-core kernels' tile copies form offsets within a tile (at most 256 rows)
+#: in 32 bits: a larger row stride, in bytes, goes through ``_chunk_copy``.
+MAX_ROW_STRIDE = 2 ** 31 // 256
+
+
 def _chunk_ready(x):
     """Whether the tensor-core kernels can copy x's rows in 16-byte chunks as it is:
-    unit stride and a multiple of 8 elements on the head dim, 16-byte aligned rows."""
+    unit stride and a multiple of 8 elements on the head dim, 16-byte aligned rows,
+    a row stride of at most ``MAX_ROW_STRIDE`` bytes."""
     if x.size == 0:
         return True
     if x.strides[3] != x.itemsize or x.shape[3] % 8 or _data_ptr(x) % 16:
+        return False
+    if abs(x.strides[1]) > MAX_ROW_STRIDE:
         return False
     return all(stride % 16 == 0 for n, stride in zip(x.shape[:3], x.strides[:3]) if n > 1)
 
@@ -296,21 +304,24 @@ def _chunk_layout(x):
 
 
 def _chunk_copy(x):
-    """A chunk-ready copy of x: newly allocated (so aligned) and C-contiguous, with the
-    head dim zero-padded to a multiple of 8 (zero columns add nothing to q.k and are
-    not written out). Its layout is ``_chunk_copy_spec(x)``."""
+    """A chunk-ready copy of x: newly allocated (so aligned), each head's rows
+    contiguous (memory order batch, head, row, column; so the row stride is one padded
+    row, whatever the number of heads), with the head dim zero-padded to a multiple of 8
+    (zero columns add nothing to q.k and are not written out). Its layout is
+    ``_chunk_copy_spec(x)``."""
     b, s, h, d = x.shape
     padded = _cdiv(d, 8) * 8
-    if padded == d:
-        return x.copy()     # a copy even when x is contiguous, for a misaligned x
-    y = xp.zeros((b, s, h, padded), x.dtype)
+    y = (xp.empty if padded == d else xp.zeros)((b, h, s, padded), x.dtype)
+    y = y.transpose(0, 2, 1, 3)
     y[..., :d] = x
     return y
 
 
 def _chunk_copy_spec(x):
     b, s, h, d = x.shape
-    return ArraySpec.contiguous((b, s, h, _cdiv(d, 8) * 8), x.itemsize)
+    heads_major = ArraySpec.contiguous((b, h, s, _cdiv(d, 8) * 8), x.itemsize)
+    st = heads_major.strides
+    return ArraySpec((b, s, h, heads_major.shape[3]), (st[0], st[2], st[1], st[3]), x.itemsize)
 
 
 def _forward_mma(cfg, q, k, v, causal, scale, name, passes=1, allow_tf32=False):

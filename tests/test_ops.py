@@ -135,6 +135,36 @@ def test_smem_view2d_and_bit_casts():
     assert float(get(back)[0]) == float(np.uint32(0x40490FDB).view(np.float32))
 
 
+def test_cp_async_16_or_zero_copies_or_zero_fills():
+    """Lanes told to copy get their row's 16 bytes; the others get zeros over poisoned
+    shared memory, and their source address (16, in no allocation) is never read."""
+    @cuda.jit
+    def kernel(src, out):
+        lane = cuda.threadIdx.x
+        smem = cuda.shared.array(0, U16)
+        base = ops.smem_addr(smem, 0)
+        for i in range(8):
+            smem[8 * lane + i] = np.uint16(0xFFFF)
+        cuda.syncthreads()
+        copy = lane % 3 != 0
+        addr = ops.global_addr(src, 0, lane, 0, 0) if copy else np.uint64(16)
+        ops.cp_async_16_or_zero(base + 16 * lane, addr, np.uint32(1) if copy else np.uint32(0))
+        ops.cp_async_commit()
+        ops.cp_async_wait(0)
+        cuda.syncthreads()
+        for i in range(8):
+            out[lane, i] = smem[8 * lane + i]
+
+    rng = np.random.default_rng(5)
+    host = rng.integers(1, 60000, size=(1, 32, 1, 8)).astype(np.uint16)
+    out = xp.zeros((32, 8), np.uint16)
+    kernel[1, 32, 0, 32 * 16](xp.asarray(host), out)
+    get = (lambda x: x.get()) if hasattr(out, "get") else np.asarray
+    expected = host[0, :, 0, :].copy()
+    expected[np.arange(32) % 3 == 0] = 0
+    np.testing.assert_array_equal(get(out), expected)
+
+
 def test_red_add_f32x2_sums_pairs_from_every_thread():
     """64 threads add pairs into 4 slots of a (1, 4, 1, 8) array, 16 threads per slot:
     every contribution must arrive (an atomic sum), each pair in its own two columns."""

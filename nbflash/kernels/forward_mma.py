@@ -132,26 +132,56 @@ def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
     def make_loader(rows):
         assert rows % 8 == 0 and (rows * CHUNKS) % NT == 0, (rows, CHUNKS, NT)
         passes = rows * CHUNKS // NT
+        if NT % CHUNKS:
+            return make_general_loader(passes)
+        # Each thread keeps one chunk column and copies every RS-th row: copy i's
+        # source is a multiple of the row step away from the first, and its
+        # destination a compile-time constant away (make_steps).
+        RS = NT // CHUNKS
+        dst_lane, DST_HI, DST_LO = make_steps(
+            D, range(RS), [c * EC for c in range(CHUNKS)], [(i * RS, 0) for i in range(passes)])
+
+        def copy_step(i, smem_base, dst, origin, step, rows_left, col_inside):
+            inside = col_inside and np.int32(i * RS) < rows_left
+            ops.cp_async_16_or_zero(smem_base + ((dst ^ DST_LO[i]) + DST_HI[i]),
+                                    np.uint64(origin + np.int64(np.int32(i) * step)),
+                                    np.uint32(1) if inside else np.uint32(0))
+
+        copies = static_loop(passes, device(copy_step))
 
         def load_tile_async(smem_base, base, src, b, row0, n_rows, head, head_dim, tid):
             """cp.async of rows [row0, row0 + rows) of src[b, :, head, :] into the tile at
             ``base``; rows past n_rows and chunks past head_dim are zero-filled.
 
-            One path for every tile, with 32-bit bounds tests: a second, test-free path
-            for whole tiles cost the head-dim-128 forward 36 bytes of spills (ptxas),
-            and the 64-bit tests of rows against n_rows took about 15 instructions per
-            copy."""
-            row_stride = src.strides[1]                 # bytes; may be negative
-            # Row row0 exists (row0 < n_rows for every tile loaded): a zero-byte copy
-            # reads nothing, but its address must still be valid, and this is one.
+            Offsets within a tile are 32-bit (the host copies tensors whose row stride
+            is over ``MAX_ROW_STRIDE`` bytes); a copy that is not made is a store of
+            zeros instead, so its source address is never formed as a valid one. This
+            was 13 SASS instructions per copy with 64-bit offsets and a valid-address
+            select; it is 4 to 5."""
+            row_stride = np.int32(src.strides[1])        # bytes; may be negative
+            ch = tid % CHUNKS
+            r0 = tid // CHUNKS
+            origin = (np.int64(ops.global_addr(src, b, row0, head, 0))
+                      + np.int64(np.int32(r0) * row_stride + np.int32(ch * 16)))
+            copies(smem_base, ES * base + dst_lane(r0, ch * EC), origin,
+                   np.int32(RS) * row_stride, np.int32(n_rows) - np.int32(row0) - np.int32(r0),
+                   np.int32(ch * EC) < np.int32(head_dim))
+
+        return device(load_tile_async)
+
+    def make_general_loader(passes):
+        """Any thread layout (head dim 96: 12 chunks per row over 128 threads)."""
+        def load_tile_async(smem_base, base, src, b, row0, n_rows, head, head_dim, tid):
+            row_stride = np.int32(src.strides[1])
             tile_origin = np.int64(ops.global_addr(src, b, row0, head, 0))
             rows_left = np.int32(n_rows - row0)
             for it in range(passes):
                 ch, r = chunk_and_row_d(it, tid)
                 inside = np.int32(r) < rows_left and np.int32(ch * EC) < np.int32(head_dim)
-                src_addr = tile_origin + (r * row_stride + ch * 16 if inside else 0)
                 dst = smem_base + ES * (base + tile_offset(r, ch * EC))
-                ops.cp_async_16(dst, np.uint64(src_addr), np.uint32(16) if inside else np.uint32(0))
+                ops.cp_async_16_or_zero(
+                    dst, np.uint64(tile_origin + np.int64(np.int32(r) * row_stride + np.int32(ch * 16))),
+                    np.uint32(1) if inside else np.uint32(0))
 
         return device(load_tile_async)
 

@@ -28,7 +28,8 @@ from numba.cuda.np.arrayobj import make_array, populate_array
 
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
-           "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
+           "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_16_or_zero", "cp_async_commit",
+           "cp_async_wait",
            "shfl_xor", "st_shared_u32", "ld_shared_u32", "red_add_f32x2", "mma_tf32", "to_tf32"]
 
 _i32 = ir.IntType(32)
@@ -275,6 +276,24 @@ def cp_async_16(typingctx, dst, src, src_bytes):
     def codegen(context, builder, sig, args):
         _asm(builder, ir.VoidType(), list(args),
              "cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r,~{memory}",
+             side_effect=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def cp_async_16_or_zero(typingctx, dst, src, copy):
+    """cp.async of 16 bytes global -> shared when ``copy`` is nonzero, else 16 zero
+    bytes into ``dst`` with the source ignored (PTX's ignore-src operand: "the data
+    from the source location src should be ignored completely"), so that src need
+    not be a valid address then."""
+    sig = types.void(types.uint32, types.uint64, types.uint32)
+
+    def codegen(context, builder, sig, args):
+        _asm(builder, ir.VoidType(), list(args),
+             "{ .reg .pred p; setp.eq.u32 p, $2, 0;"
+             " cp.async.cg.shared.global [$0], [$1], 16, p; }", "r,l,r,~{memory}",
              side_effect=True)
         return context.get_dummy_value()
 

@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
-           "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_commit", "cp_async_wait",
+           "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_16_or_zero", "cp_async_commit", "cp_async_wait",
            "shfl_xor", "st_shared_u32", "ld_shared_u32", "red_add_f32x2", "mma_tf32", "to_tf32"]
 
 
@@ -60,6 +60,13 @@ def cp_async_16(dst, src, src_bytes):
         ctypes.memmove(dst, src, n)
     if n < 16:
         ctypes.memset(dst + n, 0, 16 - n)
+
+
+def cp_async_16_or_zero(dst, src, copy):
+    if copy:
+        ctypes.memmove(int(dst), int(src), 16)
+    else:
+        ctypes.memset(int(dst), 0, 16)
 
 
 def ld_shared_u32(addr):
