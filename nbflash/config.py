@@ -182,16 +182,17 @@ class MmaConfig:
 #: Tensor-core forward tiles per head-dim bucket (float16 and bfloat16). 128 query rows
 #: over 4 warps give each warp two 16-row m-tiles: every K/V fragment loaded from
 #: shared memory feeds two mma. Measured on the H100 with swizzled tiles (fp16, seqlen
-#: 4096, hidden 2048; .gpu/dev_s7.py, benchmarks/NOTES.md), TFLOP/s full / causal:
-#: d128 128x32 311 / 267, 128x16 236 / 202, 128x64 291 / 250 (120 bytes of spills);
-#: d64 128x64 qreg 317 / 252; d256 64x32 272 / 228, 128x32x8w 242 / 202. The d128
-#: causal kernel spills 24 bytes (ptxas); the spill-free 128x16 tile measured 25%
-#: slower, so the spill is kept for now (a known gap, see NOTES).
+#: 4096, hidden 2048, torch flash in the same run; .gpu/dev_s9.py, benchmarks/NOTES.md),
+#: TFLOP/s full / causal: d128 128x64 348 / 279 against 128x32 316 / 267 (64-key tiles
+#: halve the output rescale and the per-tile copy and barrier work per key; they spill
+#: 112 bytes, outside the products); d96 128x64 326 / 283 against 128x32 249 / 248
+#: (88 bytes of spills); d256 64x32 268 / 211 against 64x64 252 / 213; d64 128x64 qreg
+#: 317 / 252; d32 128x64 236 / 179 (128x128: 231 / 200, but 40 bytes of spills).
 FORWARD_MMA_TILES = {
     32: MmaConfig(128, 64, 32, 4),
     64: MmaConfig(128, 64, 64, 4),
-    96: MmaConfig(128, 32, 96, 4, q_in_registers=False),
-    128: MmaConfig(128, 32, 128, 4, q_in_registers=False),
+    96: MmaConfig(128, 64, 96, 4, q_in_registers=False),
+    128: MmaConfig(128, 64, 128, 4, q_in_registers=False),
     256: MmaConfig(64, 32, 256, 4, q_in_registers=False),
 }
 #: Causal overrides: the mask's registers push Q-in-registers at head dim 64 into a
