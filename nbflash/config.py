@@ -185,7 +185,7 @@ class MmaConfig:
 #: 4096, hidden 2048, torch flash in the same run; .gpu/dev_s9.py, benchmarks/NOTES.md),
 #: TFLOP/s full / causal: d128 128x64 348 / 279 against 128x32 316 / 267 (64-key tiles
 #: halve the output rescale and the per-tile copy and barrier work per key; they spill
-#: 112 bytes, outside the products); d96 128x64 326 / 283 against 128x32 249 / 248
+#: 112 bytes, values reloaded at the loop top and around P V); d96 128x64 326 / 283 against 128x32 249 / 248
 #: (88 bytes of spills); d256 64x32 268 / 211 against 64x64 252 / 213; d64 128x64 qreg
 #: 314 / 263; d32 128x64 236 / 179 (128x128: 231 / 200, but 40 bytes of spills).
 FORWARD_MMA_TILES = {

@@ -188,6 +188,20 @@ def test_a_misaligned_contiguous_input_is_copied(plans):
     assert _same_bits(nbflash.attention(q_off, k, v), nbflash.attention(q, k, v))
 
 
+def test_a_row_stride_over_the_32_bit_tile_offsets_is_copied(plans):
+    """k's rows 8 MiB + 16 bytes apart: the tile copies form offsets within a tile in
+    32 bits, so such an input goes through the (heads-major) chunk copy."""
+    q, k, v = _inputs(12, q_shape=(1, 3, 1, 8), kv_shape=(1, 3, 1, 8))
+    row = (interface.MAX_ROW_STRIDE + 16) // k.itemsize
+    big = xp.zeros((1, 3, 1, row), k.dtype)
+    big[..., :8] = k
+    far = big[..., :8]
+    assert far.strides[1] > interface.MAX_ROW_STRIDE
+    assert not interface._chunk_ready(far)
+    assert interface._chunk_ready(interface._chunk_copy(far))
+    assert _same_bits(nbflash.attention(q, far, v), nbflash.attention(q, k, v))
+
+
 def test_padded_head_dim_copies(plans):
     """Head dim 12 (not a multiple of 8) and a sliced k: copies padded to 16."""
     q, k, v = _inputs(11, q_shape=(1, 5, 1, 12), kv_shape=(1, 6, 1, 12))
