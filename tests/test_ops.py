@@ -189,6 +189,31 @@ def test_red_add_f32x2_sums_pairs_from_every_thread():
     np.testing.assert_array_equal(get(acc), expected)
 
 
+def test_st_global_u32_stores_packed_pairs_at_offsets_from_one_address():
+    """Each lane stores two packed 16-bit words at constant offsets from its row's
+    address (the epilogues' pattern); the rest of a poisoned row stays as it was."""
+    @cuda.jit
+    def kernel(out, words):
+        lane = cuda.threadIdx.x
+        row = lane >> 2
+        base = ops.global_addr(out, 0, row, 0, 0) + np.uint64(4 * (lane & 3))
+        for j in range(2):
+            ops.st_global_u32(base + np.uint64(16 * j), words[lane, j])
+
+    rng = np.random.default_rng(7)
+    words = rng.integers(0, 2**32, size=(32, 2), dtype=np.uint64).astype(np.uint32)
+    poison = np.full((1, 8, 1, 20), 0xBEEF, np.uint16)
+    out = xp.asarray(poison)
+    kernel[1, 32](out, xp.asarray(words))
+    expected = poison.copy()
+    for lane in range(32):
+        for j in range(2):
+            col = 8 * j + 2 * (lane & 3)
+            expected[0, lane >> 2, 0, col:col + 2] = np.array([words[lane, j]]).view(np.uint16)
+    get = (lambda x: x.get()) if hasattr(out, "get") else np.asarray
+    np.testing.assert_array_equal(get(out), expected)
+
+
 def test_tf32_fragments_and_mma():
     """m16n8k8 tf32: A (16x8) and two 8-key n-tiles of K by ldmatrix on float32 rows,
     V's B operand (B[t][g], B[t + 4][g]) by 32-bit shared loads; every operand rounded

@@ -124,6 +124,21 @@ def make_key_tile_schedule(deterministic, block_n):
     return device(schedule)
 
 
+def make_query_tile_order(causal):
+    """``query_tile()``: the query tile a forward block handles. Causal tiles see more
+    keys the later they start, so they are dealt out last tile first: the blocks
+    launched at the end of the grid are then the short ones, and the last wave does
+    not end on a few long tiles (longest-first scheduling; CUDA starts blocks in
+    the order of their index). Without a mask every tile costs the same."""
+    if causal:
+        def query_tile():
+            return cuda.gridDim.x - 1 - cuda.blockIdx.x
+    else:
+        def query_tile():
+            return cuda.blockIdx.x
+    return device(query_tile)
+
+
 key_tile_range = device(block_info.key_tile_range)
 query_tile_range = device(block_info.query_tile_range)
 tile_needs_mask = device(block_info.tile_needs_mask)

@@ -31,7 +31,8 @@ from numba import cuda, from_dtype
 from .. import ops
 from ..config import ACCUMULATOR, TileConfig, forward_shared_elements, padded
 from .common import (LN2, NEG_INF, config_name, device, element_codec, kernel,
-                     key_tile_range, make_tile_loader, tile_needs_mask)
+                     key_tile_range, make_query_tile_order, make_tile_loader,
+                     tile_needs_mask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,6 +49,7 @@ def build_forward(cfg: TileConfig, dtype_name: str, causal: bool):
     ROW, SROW = padded(D), padded(BN)          # shared row strides
     ACC = from_dtype(ACCUMULATOR[dtype_name])   # Numba type, for shared/local arrays
     CAUSAL = causal
+    query_tile = make_query_tile_order(causal)
 
     # Shared-memory layout, in accumulator elements.
     OFF_Q = 0
@@ -132,7 +134,7 @@ def build_forward(cfg: TileConfig, dtype_name: str, causal: bool):
     @kernel(f"forward_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}",
             (cfg, dtype_name, causal))
     def forward(q, k, v, o, lse, scale_log2):
-        m_block = cuda.blockIdx.x
+        m_block = query_tile()
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         tid = cuda.threadIdx.x

@@ -34,7 +34,8 @@ from numba import cuda, from_dtype
 from .. import ops
 from ..config import MmaConfig, tile_row
 from .common import (LN2, NEG_INF, config_name, device, element_codec, kernel,
-                     key_tile_range, static_loop, tile_needs_mask)
+                     key_tile_range, make_query_tile_order, static_loop,
+                     tile_needs_mask)
 
 
 def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
@@ -218,6 +219,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
     Q_IN_REGS = cfg.q_in_registers
     QF_STEPS = KS if Q_IN_REGS else 1      # k-steps of Q fragments held at once
     CAUSAL = causal
+    query_tile = make_query_tile_order(causal)
     # Typed constants: a bare Python float is a float64 to Numba and drags the
     # softmax into double precision and conversions.
     ZERO = np.float32(0.0)
@@ -494,6 +496,12 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
 
     store_row = static_loop(DT, device(store_step))
 
+    def store_pair_step(dt, at, o, mt, half, inv):
+        ops.st_global_u32(at + np.uint64(16 * dt),
+                          pack(o[mt, dt, 2 * half] * inv, o[mt, dt, 2 * half + 1] * inv))
+
+    store_row_pairs = static_loop(DT, device(store_pair_step))
+
     def write_row(step, out, lse, o, m, l, b, h, row0, seqlen_q, head_dim, scale_log2, lane):
         """Row g + 8 half of m-tile mt (step = 2 mt + half) of this thread's rows."""
         mt = step >> 1
@@ -506,7 +514,13 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
         total += ops.shfl_xor(total, 2)
         inv = ONE / total if total > ZERO else ZERO   # rows that saw no key give 0
         if row < seqlen_q:
-            store_row(out, o, mt, half, inv, b, row, h, head_dim, t)
+            if not TF32 and head_dim == D:
+                # Packed pairs at constant offsets from one address per row: element
+                # stores cost a 64-bit address each (see ops.st_global_u32).
+                at = ops.global_addr(out, b, row, h, 0) + np.uint64(4 * t)
+                store_row_pairs(at, o, mt, half, inv)
+            else:
+                store_row(out, o, mt, half, inv, b, row, h, head_dim, t)
             if t == 0:
                 lse[b, h, row] = ((m[mt, half] * scale_log2 + math.log2(total)) * LN2_32
                                   if total != ZERO else MINUS_INF)
@@ -528,7 +542,7 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
             f"{'causal' if causal else 'full'}", (cfg, dtype_name, causal, passes),
             lineinfo=True)
     def forward_mma(q, k, v, out, lse, scale_log2):
-        m_block = cuda.blockIdx.x
+        m_block = query_tile()
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         tid = cuda.threadIdx.x

@@ -28,9 +28,10 @@ from numba.cuda.np.arrayobj import make_array, populate_array
 
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
-           "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_16_or_zero", "cp_async_commit",
-           "cp_async_wait",
-           "shfl_xor", "st_shared_u32", "ld_shared_u32", "red_add_f32x2", "mma_tf32", "to_tf32"]
+           "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16",
+           "cp_async_16_or_zero", "cp_async_commit", "cp_async_wait", "shfl_xor",
+           "st_shared_u32", "ld_shared_u32", "st_global_u32", "red_add_f32x2", "mma_tf32",
+           "to_tf32"]
 
 _i32 = ir.IntType(32)
 _i64 = ir.IntType(64)
@@ -355,6 +356,22 @@ def ld_shared_u32(typingctx, addr):
     def codegen(context, builder, sig, args):
         return _asm(builder, _i32, list(args), "ld.shared.u32 $0, [$1];", "=r,r,~{memory}",
                     side_effect=True)
+
+    return sig, codegen
+
+
+@intrinsic
+def st_global_u32(typingctx, addr, value):
+    """Stores a 32-bit value (two packed 16-bit elements) at the 4-byte aligned global
+    address ``addr``. The kernels' epilogues form one address per row and reach each
+    pair at a constant offset from it: Numba's element stores recomputed a 64-bit
+    address per element, and each store then held its registers until it issued."""
+    sig = types.void(types.uint64, types.uint32)
+
+    def codegen(context, builder, sig, args):
+        _asm(builder, ir.VoidType(), list(args), "st.global.u32 [$0], $1;", "l,r,~{memory}",
+             side_effect=True)
+        return context.get_dummy_value()
 
     return sig, codegen
 

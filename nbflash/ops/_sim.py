@@ -17,8 +17,10 @@ import numpy as np
 
 __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr",
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
-           "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16", "cp_async_16_or_zero", "cp_async_commit", "cp_async_wait",
-           "shfl_xor", "st_shared_u32", "ld_shared_u32", "red_add_f32x2", "mma_tf32", "to_tf32"]
+           "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16",
+           "cp_async_16_or_zero", "cp_async_commit", "cp_async_wait", "shfl_xor",
+           "st_shared_u32", "ld_shared_u32", "st_global_u32", "red_add_f32x2", "mma_tf32",
+           "to_tf32"]
 
 
 def smem_view2d(arr, offset, rows, cols):
@@ -75,6 +77,12 @@ def ld_shared_u32(addr):
 
 def st_shared_u32(addr, value):
     ctypes.c_uint32.from_address(int(addr)).value = int(value)
+
+
+def st_global_u32(addr, value):
+    addr = int(addr)
+    assert addr % 4 == 0, "st.global.u32 needs a 4-byte aligned address"
+    ctypes.c_uint32.from_address(addr).value = int(value)
 
 
 _red_lock = threading.Lock()
