@@ -32,6 +32,7 @@ from .config import DEFAULT_SHARED_BYTES
 _NUMBA_TYPES = {
     np.dtype(np.float16): types.float16, np.dtype(np.uint16): types.uint16,
     np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64,
+    np.dtype(np.uint32): types.uint32, np.dtype(np.complex64): types.complex64,
 }
 
 

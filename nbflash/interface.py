@@ -10,7 +10,7 @@ import numpy as np
 from . import _launch, _validate, config, ops
 from ._launch import ArgTemplate, ArraySpec, array_type, get_kernel, scalar_type
 from .kernels.backward import (ROW_THREADS, ROWS_PER_BLOCK, build_backward, build_convert,
-                               build_preprocess, build_stats)
+                               build_convert_pairs, build_preprocess, build_stats)
 from .kernels.backward_mma import build_backward_mma
 from .kernels.common import LOG2E
 from .kernels.forward import build_forward
@@ -280,6 +280,16 @@ def _data_ptr(x):
     return x.ctypes.data if isinstance(x, np.ndarray) else x.data.ptr
 
 
+def _pairs_ready(x):
+    """Whether the row kernels can read or write x (16-bit) as uint32 element pairs:
+    unit stride and an even size on the head dim, 4-byte aligned rows."""
+    if x.size == 0:
+        return False
+    if x.strides[3] != x.itemsize or x.shape[3] % 2 or _data_ptr(x) % 4:
+        return False
+    return all(stride % 4 == 0 for n, stride in zip(x.shape[:3], x.strides[:3]) if n > 1)
+
+
 #: The tensor-core kernels' tile copies form offsets within a tile (at most 256 rows)
 #: in 32 bits: a larger row stride, in bytes, goes through ``_chunk_copy``.
 MAX_ROW_STRIDE = 2 ** 31 // 256
@@ -396,23 +406,28 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     # The tensor-core kernel adds dQ two columns at a time: pad its head dim to 8.
     acc_dim = _cdiv(head_dim, 8) * 8 if mma else head_dim
     dq_accum = _empty((splits * batch,) + q.shape[1:3] + (acc_dim,), acc)
-    dq_accum.fill(0)      # a memset on the GPU
     rows_grid = (_cdiv(seqlen_q, ROWS_PER_BLOCK), nheads, batch)
     scale_acc, scale_log2 = acc(scale), acc(scale * LOG2E)
     row_inputs = [_kernel_view(dout), _kernel_view(out)]
     if mma:
         # One buffer of (lse log2 e, scale Delta) per row, padded to whole query tiles.
         stats = _empty((batch, nheads, 2, _cdiv(seqlen_q, cfg.block_m) * cfg.block_m), acc)
-        pre = get_kernel(("stats", name), lambda: build_stats(name),
-                         [array_type(store, 4)] * 2 + [array_type(acc, 3), array_type(acc, 4),
-                                                       scalar_type(scale_acc)], 0)
+        # The pre-pass also zeroes dq_accum (acc_dim is even: complex64 pairs).
+        pairs = _pairs_ready(dout) and _pairs_ready(out)
+        if pairs:
+            row_inputs = [_kernel_view(x).view(np.uint32) for x in (dout, out)]
+        pre = get_kernel(("stats", name, pairs), lambda: build_stats(name, pairs),
+                         [array_type(np.uint32 if pairs else store, 4)] * 2
+                         + [array_type(acc, 3), array_type(acc, 4),
+                            array_type(np.complex64, 4), scalar_type(scale_acc)], 0)
         pre((_cdiv(stats.shape[3], ROWS_PER_BLOCK), nheads, batch), (ROW_THREADS,),
-            row_inputs + [lse, stats, scale_acc])
+            row_inputs + [lse, stats, dq_accum.view(np.complex64), scale_acc])
         # The tensor-core kernel reads q, k, v, dout as uint16 in the chunk layout.
         inputs = [_chunk_layout(x).view(np.uint16) for x in (q, k, v, dout)] + [stats]
         kind, build = "backward_mma", build_backward_mma
         signature = [array_type(np.uint16, 4)] * 4 + [array_type(acc, 4)]
     else:
+        dq_accum.fill(0)      # a memset on the GPU
         delta = _empty((batch, nheads, seqlen_q), acc)
         pre = get_kernel(("preprocess", name), lambda: build_preprocess(name),
                          [array_type(store, 4)] * 2 + [array_type(acc, 3)], 0)
@@ -430,9 +445,15 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     if np.dtype(q.dtype) == np.dtype(acc) and not deterministic:
         return dq_accum, dk, dv
     dq = _empty(q.shape, q.dtype)
-    conv = get_kernel(("convert", name), lambda: build_convert(name),
-                      [array_type(acc, 4), array_type(store, 4)], 0)
-    conv(rows_grid, (ROW_THREADS,), [dq_accum, _kernel_view(dq)])
+    if mma and _pairs_ready(dq):
+        conv = get_kernel(("convert_pairs", name), lambda: build_convert_pairs(name),
+                          [array_type(np.complex64, 4), array_type(np.uint32, 4)], 0)
+        conv(rows_grid, (ROW_THREADS,),
+             [dq_accum.view(np.complex64), _kernel_view(dq).view(np.uint32)])
+    else:
+        conv = get_kernel(("convert", name), lambda: build_convert(name),
+                          [array_type(acc, 4), array_type(store, 4)], 0)
+        conv(rows_grid, (ROW_THREADS,), [dq_accum, _kernel_view(dq)])
     return dq, dk, dv
 
 

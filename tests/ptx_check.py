@@ -99,9 +99,10 @@ def main(names=None):
 
 def every_dispatcher():
     """Every kernel dispatcher nbflash can select: all dtypes, head-dim buckets,
-    causal or not, deterministic or not, and the backward's two elementwise kernels."""
+    causal or not, deterministic or not, and the backward's row kernels."""
     from nbflash import config
-    from nbflash.kernels.backward import build_backward, build_convert, build_preprocess, build_stats
+    from nbflash.kernels.backward import (build_backward, build_convert, build_convert_pairs,
+                                          build_preprocess, build_stats)
     from nbflash.kernels.backward_mma import build_backward_mma
     from nbflash.kernels.forward import build_forward
     from nbflash.kernels.forward_mma import build_forward_mma
@@ -110,6 +111,8 @@ def every_dispatcher():
         yield build_convert(dt)
         if dt in config.MMA_DTYPES:
             yield build_stats(dt)
+            yield build_stats(dt, True)
+            yield build_convert_pairs(dt)
         for d in config.HEAD_DIM_BUCKETS:
             for causal in (False, True):
                 if dt in config.MMA_DTYPES:

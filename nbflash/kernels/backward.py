@@ -80,6 +80,24 @@ def make_row_dot(dtype_name):
     return device(dot)
 
 
+def make_row_dot_pairs(dtype_name):
+    """``dot`` of ``make_row_dot`` for rows viewed as uint32 words of two packed 16-bit
+    elements: one load per pair, not per element."""
+    unpack = ops.unpack_f16x2 if dtype_name == "float16" else ops.unpack_bf16x2
+
+    def dot(dout, out, b, row, h, lane):
+        total = np.float32(0.0)
+        for d in range(lane, out.shape[3], 32):
+            x0, x1 = unpack(dout[b, row, h, d])
+            y0, y1 = unpack(out[b, row, h, d])
+            total += x0 * y0 + x1 * y1
+        for width in (16, 8, 4, 2, 1):
+            total += ops.shfl_xor(total, width)
+        return total
+
+    return device(dot)
+
+
 @functools.lru_cache(maxsize=None)
 def build_preprocess(dtype_name: str):
     """``preprocess(dout, out, delta)``: delta[b, h, i] = dO_i . O_i.
@@ -102,32 +120,41 @@ def build_preprocess(dtype_name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def build_stats(dtype_name: str):
-    """``stats(dout, out, lse, stats, scale)``, the tensor-core backward's pre-pass: for
-    each query row i, stats[b, h, 0, i] = lse[b, h, i] log2(e) and stats[b, h, 1, i] =
-    scale dO_i . O_i (Delta times the softmax scale, so that the backward forms
-    scale (dP - Delta) in one fused multiply-add). Rows that see no key (lse = -inf)
-    and the padding rows past seqlen_q get +inf and 0, which make their
-    probabilities exp2(-inf) = 0.
+def build_stats(dtype_name: str, pairs: bool = False):
+    """``stats(dout, out, lse, stats, dq_pairs, scale)``, the tensor-core backward's
+    pre-pass: for each query row i, stats[b, h, 0, i] = lse[b, h, i] log2(e) and
+    stats[b, h, 1, i] = scale dO_i . O_i (Delta times the softmax scale, so that the
+    backward forms scale (dP - Delta) in one fused multiply-add). Rows that see no key
+    (lse = -inf) and the padding rows past seqlen_q get +inf and 0, which make their
+    probabilities exp2(-inf) = 0. It also zeroes the row in every slice of the dQ
+    accumulator, seen as complex64 column pairs (one 8-byte store per pair; a
+    separate memset was another pass over it).
 
     ``stats`` is (batch, nheads, 2, seqlen_q rounded up to whole query tiles), so the
-    backward copies a tile's rows as whole 16-byte chunks. Grid
-    ``(ceil(stats.shape[3] / ROWS_PER_BLOCK), nheads, batch)`` of ``ROW_THREADS``."""
-    dot = make_row_dot(dtype_name)
+    backward copies a tile's rows as whole 16-byte chunks. With ``pairs``, dout and
+    out come as uint32 views of packed element pairs (even head dims, 4-byte aligned
+    rows). Grid ``(ceil(stats.shape[3] / ROWS_PER_BLOCK), nheads, batch)`` of
+    ``ROW_THREADS``."""
+    dot = (make_row_dot_pairs if pairs else make_row_dot)(dtype_name)
     INF = np.float32(math.inf)
     LOG2E_32 = np.float32(LOG2E)
+    ZERO_PAIR = np.complex64(0)
 
-    @kernel(f"stats_{dtype_name}", dtype_name)
-    def stats_kernel(dout, out, lse, stats, scale):
+    @kernel(f"stats_{dtype_name}{'_pairs' if pairs else ''}", (dtype_name, pairs))
+    def stats_kernel(dout, out, lse, stats, dq_pairs, scale):
         lane, first, step, stop = warp_rows()
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         seqlen_q = out.shape[1]
+        batch = out.shape[0]
         for row in range(first, min(stop, stats.shape[3]), step):
             if row < seqlen_q:
                 total = np.float32(dot(dout, out, b, row, h, lane)) * scale
                 x = lse[b, h, row]
                 x = INF if x == -INF else x * LOG2E_32
+                for s in range(dq_pairs.shape[0] // batch):     # deterministic slices
+                    for c in range(lane, dq_pairs.shape[3], 32):
+                        dq_pairs[s * batch + b, row, h, c] = ZERO_PAIR
             else:
                 total = np.float32(0.0)
                 x = INF
@@ -161,6 +188,34 @@ def build_convert(dtype_name: str):
                 dst[b, row, h, d] = from_acc(total)
 
     return convert
+
+
+@functools.lru_cache(maxsize=None)
+def build_convert_pairs(dtype_name: str):
+    """``convert`` for 16-bit outputs of even head dim: src seen as complex64 column
+    pairs, dst as uint32 words of two packed elements, so that each pair is one 8-byte
+    load and one 4-byte store (per element, the pass ran at half the memory bandwidth).
+    Slices are summed in the same order as ``convert``."""
+    pack = ops.pack_f16x2 if dtype_name == "float16" else ops.pack_bf16x2
+
+    @kernel(f"convert_pairs_{dtype_name}", dtype_name)
+    def convert_pairs(src, dst):
+        lane, first, step, stop = warp_rows()
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        batch = dst.shape[0]
+        for row in range(first, min(stop, dst.shape[1]), step):
+            for d in range(lane, dst.shape[3], 32):
+                pair = src[b, row, h, d]
+                lo = pair.real
+                hi = pair.imag
+                for s in range(1, src.shape[0] // batch):   # deterministic slices
+                    pair = src[s * batch + b, row, h, d]
+                    lo += pair.real
+                    hi += pair.imag
+                dst[b, row, h, d] = pack(lo, hi)
+
+    return convert_pairs
 
 
 @functools.lru_cache(maxsize=None)
