@@ -9,7 +9,8 @@ never stored. With P = softmax(S), dP = dO V^T and Delta_i = sum_j P_ij dP_ij:
 and Delta_i = sum_j P_ij (dO_i . V_j) = dO_i . O_i, a cheap per-row dot product.
 Three kernels:
 
-1. ``preprocess``: Delta = rowsum(dO * O) (the dQ accumulator is zeroed by a memset).
+1. ``preprocess``: Delta = rowsum(dO * O) (the dQ accumulator is zeroed by a memset;
+   the tensor-core backward's ``stats`` pre-pass zeroes it itself).
 2. ``main``: one block per (key tile, kv head, batch) keeps K_j, V_j in shared memory
    and dK_j, dV_j in registers, and loops over the query heads of its GQA group and
    the query tiles that see the key tile. dK and dV are owned by exactly one block,
