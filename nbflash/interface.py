@@ -10,7 +10,7 @@ import numpy as np
 from . import _launch, _validate, config, ops
 from ._launch import ArgTemplate, ArraySpec, array_type, get_kernel, scalar_type
 from .kernels.backward import (ROW_THREADS, ROWS_PER_BLOCK, build_backward, build_convert,
-                               build_convert_pairs, build_preprocess, build_stats)
+                               build_preprocess, build_stats)
 from .kernels.backward_mma import build_backward_mma
 from .kernels.common import LOG2E
 from .kernels.forward import build_forward
@@ -445,15 +445,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     if np.dtype(q.dtype) == np.dtype(acc) and not deterministic:
         return dq_accum, dk, dv
     dq = _empty(q.shape, q.dtype)
-    if mma and _pairs_ready(dq):
-        conv = get_kernel(("convert_pairs", name), lambda: build_convert_pairs(name),
-                          [array_type(np.complex64, 4), array_type(np.uint32, 4)], 0)
-        conv(rows_grid, (ROW_THREADS,),
-             [dq_accum.view(np.complex64), _kernel_view(dq).view(np.uint32)])
-    else:
-        conv = get_kernel(("convert", name), lambda: build_convert(name),
-                          [array_type(acc, 4), array_type(store, 4)], 0)
-        conv(rows_grid, (ROW_THREADS,), [dq_accum, _kernel_view(dq)])
+    pairs = mma and _pairs_ready(dq)
+    conv_args = ([dq_accum.view(np.complex64), _kernel_view(dq).view(np.uint32)] if pairs
+                 else [dq_accum, _kernel_view(dq)])
+    conv = get_kernel(("convert", name, pairs), lambda: build_convert(name, pairs),
+                      [array_type(x.dtype, 4) for x in conv_args], 0)
+    conv(rows_grid, (ROW_THREADS,), conv_args)
     return dq, dk, dv
 
 

@@ -101,8 +101,7 @@ def every_dispatcher():
     """Every kernel dispatcher nbflash can select: all dtypes, head-dim buckets,
     causal or not, deterministic or not, and the backward's row kernels."""
     from nbflash import config
-    from nbflash.kernels.backward import (build_backward, build_convert, build_convert_pairs,
-                                          build_preprocess, build_stats)
+    from nbflash.kernels.backward import build_backward, build_convert, build_preprocess, build_stats
     from nbflash.kernels.backward_mma import build_backward_mma
     from nbflash.kernels.forward import build_forward
     from nbflash.kernels.forward_mma import build_forward_mma
@@ -112,7 +111,7 @@ def every_dispatcher():
         if dt in config.MMA_DTYPES:
             yield build_stats(dt)
             yield build_stats(dt, True)
-            yield build_convert_pairs(dt)
+            yield build_convert(dt, True)
         for d in config.HEAD_DIM_BUCKETS:
             for causal in (False, True):
                 if dt in config.MMA_DTYPES:

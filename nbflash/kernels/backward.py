@@ -62,36 +62,33 @@ def _warp_rows():
 warp_rows = device(_warp_rows)
 
 
-def make_row_dot(dtype_name):
+def make_row_dot(dtype_name, pairs=False):
     """``dot(dout, out, b, row, h, lane) -> dO_row . O_row``, summed over the warp: the
     lanes take consecutive head-dim columns, so that every load is one contiguous run
     (a thread per row read 32 rows' columns at a time, one sector each, and took longer
-    than the backward's main kernel at large sizes). Every lane gets the sum."""
+    than the backward's main kernel at large sizes). Every lane gets the sum.
+    With ``pairs`` (16-bit dtypes), the rows come as uint32 words of two packed
+    elements: one load per pair, not per element."""
     ACC_SCALAR = ACCUMULATOR[dtype_name]
-    to_acc, _ = element_codec(dtype_name)
+    if pairs:
+        unpack = ops.unpack_f16x2 if dtype_name == "float16" else ops.unpack_bf16x2
+
+        def term(x, y):
+            x0, x1 = unpack(x)
+            y0, y1 = unpack(y)
+            return x0 * y0 + x1 * y1
+    else:
+        to_acc, _ = element_codec(dtype_name)
+
+        def term(x, y):
+            return to_acc(x) * to_acc(y)
+
+    term_d = device(term)
 
     def dot(dout, out, b, row, h, lane):
         total = ACC_SCALAR(0.0)
         for d in range(lane, out.shape[3], 32):
-            total += to_acc(dout[b, row, h, d]) * to_acc(out[b, row, h, d])
-        for width in (16, 8, 4, 2, 1):
-            total += ops.shfl_xor(total, width)
-        return total
-
-    return device(dot)
-
-
-def make_row_dot_pairs(dtype_name):
-    """``dot`` of ``make_row_dot`` for rows viewed as uint32 words of two packed 16-bit
-    elements: one load per pair, not per element."""
-    unpack = ops.unpack_f16x2 if dtype_name == "float16" else ops.unpack_bf16x2
-
-    def dot(dout, out, b, row, h, lane):
-        total = np.float32(0.0)
-        for d in range(lane, out.shape[3], 32):
-            x0, x1 = unpack(dout[b, row, h, d])
-            y0, y1 = unpack(out[b, row, h, d])
-            total += x0 * y0 + x1 * y1
+            total += term_d(dout[b, row, h, d], out[b, row, h, d])
         for width in (16, 8, 4, 2, 1):
             total += ops.shfl_xor(total, width)
         return total
@@ -136,7 +133,7 @@ def build_stats(dtype_name: str, pairs: bool = False):
     out come as uint32 views of packed element pairs (even head dims, 4-byte aligned
     rows). Grid ``(ceil(stats.shape[3] / ROWS_PER_BLOCK), nheads, batch)`` of
     ``ROW_THREADS``."""
-    dot = (make_row_dot_pairs if pairs else make_row_dot)(dtype_name)
+    dot = make_row_dot(dtype_name, pairs)
     INF = np.float32(math.inf)
     LOG2E_32 = np.float32(LOG2E)
     ZERO_PAIR = np.complex64(0)
@@ -167,15 +164,28 @@ def build_stats(dtype_name: str, pairs: bool = False):
 
 
 @functools.lru_cache(maxsize=None)
-def build_convert(dtype_name: str):
+def build_convert(dtype_name: str, pairs: bool = False):
     """``convert(src, dst)``: dst = src in the input dtype, over (batch, seqlen, heads,
     head_dim); src may hold several deterministic slices (``splits * batch`` rows on
     axis 0), summed in order, and a head dim padded past dst's.
     Grid ``(ceil(seqlen / ROWS_PER_BLOCK), heads, batch)`` of ``ROW_THREADS``, a warp per
-    row as in ``preprocess``."""
-    _, from_acc = element_codec(dtype_name)
+    row as in ``preprocess``.
 
-    @kernel(f"convert_{dtype_name}", dtype_name)
+    With ``pairs`` (16-bit outputs of even head dim), src comes as complex64 column
+    pairs and dst as uint32 words of two packed elements: each pair is one 8-byte load
+    and one 4-byte store (per element, the pass ran at half the memory bandwidth). A
+    complex sum adds the two columns separately, in the same slice order."""
+    if pairs:
+        pack = ops.pack_f16x2 if dtype_name == "float16" else ops.pack_bf16x2
+
+        def finish(total):
+            return pack(total.real, total.imag)
+    else:
+        _, finish = element_codec(dtype_name)
+
+    finish_d = device(finish)
+
+    @kernel(f"convert{'_pairs' if pairs else ''}_{dtype_name}", (dtype_name, pairs))
     def convert(src, dst):
         lane, first, step, stop = warp_rows()
         h = cuda.blockIdx.y
@@ -186,37 +196,9 @@ def build_convert(dtype_name: str):
                 total = src[b, row, h, d]
                 for s in range(1, src.shape[0] // batch):   # deterministic slices
                     total += src[s * batch + b, row, h, d]
-                dst[b, row, h, d] = from_acc(total)
+                dst[b, row, h, d] = finish_d(total)
 
     return convert
-
-
-@functools.lru_cache(maxsize=None)
-def build_convert_pairs(dtype_name: str):
-    """``convert`` for 16-bit outputs of even head dim: src seen as complex64 column
-    pairs, dst as uint32 words of two packed elements, so that each pair is one 8-byte
-    load and one 4-byte store (per element, the pass ran at half the memory bandwidth).
-    Slices are summed in the same order as ``convert``."""
-    pack = ops.pack_f16x2 if dtype_name == "float16" else ops.pack_bf16x2
-
-    @kernel(f"convert_pairs_{dtype_name}", dtype_name)
-    def convert_pairs(src, dst):
-        lane, first, step, stop = warp_rows()
-        h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        batch = dst.shape[0]
-        for row in range(first, min(stop, dst.shape[1]), step):
-            for d in range(lane, dst.shape[3], 32):
-                pair = src[b, row, h, d]
-                lo = pair.real
-                hi = pair.imag
-                for s in range(1, src.shape[0] // batch):   # deterministic slices
-                    pair = src[s * batch + b, row, h, d]
-                    lo += pair.real
-                    hi += pair.imag
-                dst[b, row, h, d] = pack(lo, hi)
-
-    return convert_pairs
 
 
 @functools.lru_cache(maxsize=None)
