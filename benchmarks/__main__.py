@@ -1,6 +1,7 @@
 """``python -m benchmarks <what> [options]``, from the repository root:
 
     speed      TFLOP/s of nbflash against naive CuPy attention and PyTorch's SDPA backends
+    backward   the backward alone: nbflash's tile configurations against torch's flash backend
     memory     peak extra GPU memory versus seqlen, nbflash against naive attention
     io         bytes moved to and from GPU memory: nbflash.io_model against Nsight Compute
     animate    a GIF of the forward pass, tile by tile (runs without a GPU)
@@ -12,7 +13,8 @@ benchmarks/results/<gpu-name>/; without a GPU, the GPU commands say so and exit.
 import importlib
 import sys
 
-COMMANDS = {"speed": "benchmarks.speed", "memory": "benchmarks.memory", "io": "benchmarks.hbm",
+COMMANDS = {"speed": "benchmarks.speed", "backward": "benchmarks.backward",
+            "memory": "benchmarks.memory", "io": "benchmarks.hbm",
             "animate": "benchmarks.animate", "resources": "benchmarks.resources"}
 
 

@@ -127,10 +127,6 @@ class MmaConfig:
     q_in_registers: bool = True
     #: 2 for float16/bfloat16 tiles, 4 for float32 tiles on tf32 tensor cores.
     element_bytes: int = 2
-    #: The backward's dQ columns in this many passes (0: the kernel's default, see
-    #: kernels/backward_mma.py).
-    dq_passes: int = 0
-
     @property
     def threads(self):
         return 32 * self.warps
@@ -149,34 +145,76 @@ class MmaConfig:
         """Q and two stages of the K and V tiles."""
         return (self.block_m + 4 * self.block_n) * self.row * self.element_bytes
 
-    @property
-    def backward_shared_bytes(self):
-        """K, V (block_n rows), two stages of Q, dO (block_m rows) and of their two float32
-        row statistics, and dS^T (16-bit, block_n rows of block_m queries)."""
-        return ((2 * self.block_n + 4 * self.block_m) * self.row * 2
-                + self.block_n * tile_row(self.block_m, 2) * 2 + 4 * self.block_m * 4)
-
     def check(self):
         """The forward's shape: each warp owns whole 16-row m-tiles of the query tile."""
         if self.block_m % (16 * self.warps) or self.block_n % 16 or self.head_dim % 16:
             raise ValueError(f"tiles must be multiples of 16 rows per warp in {self}")
-        self._check_copies_and_shared(self.forward_shared_bytes)
+        _check_copies_and_shared(self, self.forward_shared_bytes)
 
-    def check_backward(self):
-        """The backward's shape: 16 keys per warp, query tiles of whole 16-row blocks."""
-        if self.block_n != 16 * self.warps or self.block_m % 16 or self.head_dim % 16:
-            raise ValueError(f"the backward needs block_n = 16 * warps and block_m a "
-                             f"multiple of 16 in {self}")
-        self._check_copies_and_shared(self.backward_shared_bytes)
 
-    def _check_copies_and_shared(self, shared_bytes):
-        """Tiles' 16-byte chunks split evenly over the threads, and shared memory fits."""
-        chunks = self.head_dim * self.element_bytes // 16
-        for rows in (self.block_m, self.block_n):
-            if (rows * chunks) % self.threads:
-                raise ValueError(f"{rows}-row tiles do not split evenly over threads in {self}")
-        if shared_bytes > MAX_SHARED_BYTES:
-            raise ValueError(f"{self} needs {shared_bytes} bytes of shared memory")
+
+def _check_copies_and_shared(cfg, shared_bytes):
+    """Tiles' 16-byte chunks split evenly over the threads, and shared memory fits."""
+    chunks = cfg.head_dim * cfg.element_bytes // 16
+    for rows in (cfg.block_m, cfg.block_n):
+        if (rows * chunks) % cfg.threads:
+            raise ValueError(f"{rows}-row tiles do not split evenly over threads in {cfg}")
+    if shared_bytes > MAX_SHARED_BYTES:
+        raise ValueError(f"{cfg} needs {shared_bytes} bytes of shared memory")
+
+
+@dataclass(frozen=True)
+class BackwardMmaConfig:
+    """Compile-time shape of the tensor-core backward (kernels/backward_mma.py).
+
+    One block per tile of ``block_n`` keys walks the query tiles of ``block_m`` rows
+    that see it. Each of its five products splits over the ``warps`` warps in a grid
+    of its own (FlashAttention-2's atom layouts), given by the warps along its first
+    axis: ``sdp_warps_m`` along the queries for S = Q K^T and dP = dO V^T (the rest
+    along the keys), ``dkv_warps_n`` along the keys for dV = P^T dO and dK = dS^T Q
+    (the rest along the head dim), ``dq_warps_m`` along the queries for dQ = dS K
+    (the rest along the head dim). Every warp's share is whole 16 x 16 blocks.
+    """
+    block_m: int
+    block_n: int
+    head_dim: int
+    warps: int
+    sdp_warps_m: int
+    dkv_warps_n: int
+    dq_warps_m: int
+    element_bytes: int = 2
+
+    @property
+    def threads(self):
+        return 32 * self.warps
+
+    @property
+    def row(self):
+        """Elements per row of a shared head-dim tile (see ``tile_row``)."""
+        return tile_row(self.head_dim, 2)
+
+    @property
+    def grids(self):
+        """(warps along the first axis, along the second, first-axis size,
+        second-axis size) of the S/dP, dK/dV and dQ products."""
+        w, bm, bn, d = self.warps, self.block_m, self.block_n, self.head_dim
+        return {"sdp": (self.sdp_warps_m, w // self.sdp_warps_m, bm, bn),
+                "dkv": (self.dkv_warps_n, w // self.dkv_warps_n, bn, d),
+                "dq": (self.dq_warps_m, w // self.dq_warps_m, bm, d)}
+
+    @property
+    def shared_bytes(self):
+        """K, V (block_n rows), two stages of Q, dO (block_m rows) and of their two
+        float32 row statistics, and P and dS (16-bit, block_m rows of block_n keys)."""
+        return ((2 * self.block_n + 4 * self.block_m) * self.row * 2
+                + 2 * self.block_m * tile_row(self.block_n, 2) * 2 + 4 * self.block_m * 4)
+
+    def check(self):
+        for name, (w1, w2, n1, n2) in self.grids.items():
+            if w1 * w2 != self.warps or n1 % (16 * w1) or n2 % (16 * w2):
+                raise ValueError(f"the {name} product's {w1} x {w2} warps do not split "
+                                 f"{n1} x {n2} into 16 x 16 blocks in {self}")
+        _check_copies_and_shared(self, self.shared_bytes)
 
 
 #: Tensor-core forward tiles per head-dim bucket (float16 and bfloat16). 128 query rows
@@ -201,21 +239,20 @@ FORWARD_MMA_TILES = {
 #: 263 TFLOP/s (0.98x torch flash) at seqlen 4096, where the grid had measured 0.90x
 #: for the reloading tile.
 FORWARD_MMA_TILES_CAUSAL = {}
-#: Tensor-core backward tiles: block_n = 16 keys per warp, block_m queries per tile.
-#: 128 keys over 8 warps halve the dQ atomics per flop against 64 over 4. Measured on
-#: the H100 (fp16, seqlen 4096, hidden 2048, backward alone; .gpu/dev_bwd.py, see
-#: benchmarks/NOTES.md), TFLOP/s full / causal: d64 64x64x4w 109 / 79, 64x128x8w
-#: 113 / 82; d128 64x64x4w 104 / 79, 64x128x8w 116 / 83. Head dims 32 and 256 were
-#: not re-measured.
+#: Tensor-core backward tiles and warp grids per head-dim bucket (BackwardMmaConfig):
+#: 128 keys per block where registers allow (FlashAttention-2's choice), which
+#: halves the dQ atomics per flop against 64.
 BACKWARD_MMA_TILES = {
-    32: MmaConfig(64, 64, 32, 4),
-    64: MmaConfig(64, 128, 64, 8),
-    96: MmaConfig(64, 128, 96, 8),
-    128: MmaConfig(64, 128, 128, 8),
-    256: MmaConfig(32, 32, 256, 2),
+    32: BackwardMmaConfig(64, 64, 32, 4, 2, 2, 2),
+    64: BackwardMmaConfig(64, 128, 64, 8, 2, 4, 2),
+    96: BackwardMmaConfig(64, 128, 96, 8, 2, 4, 4),
+    128: BackwardMmaConfig(64, 128, 128, 8, 2, 4, 2),
+    256: BackwardMmaConfig(64, 64, 256, 8, 4, 2, 2),
 }
 #: Under the simulator: one warp, so each warp-collective costs one exchange.
 SIMULATOR_MMA_TILE = {d: MmaConfig(16, 16, d, 1) for d in HEAD_DIM_BUCKETS}
+SIMULATOR_BACKWARD_MMA_TILE = {d: BackwardMmaConfig(16, 16, d, 1, 1, 1, 1)
+                               for d in HEAD_DIM_BUCKETS}
 #: Input dtypes that run on tensor cores.
 MMA_DTYPES = ("float16", "bfloat16")
 
@@ -248,7 +285,7 @@ FLOAT32_PASSES = 3
 
 def select_backward_mma(head_dim, simulator=False):
     bucket = head_dim_bucket(head_dim)
-    return (SIMULATOR_MMA_TILE if simulator else BACKWARD_MMA_TILES)[bucket]
+    return (SIMULATOR_BACKWARD_MMA_TILE if simulator else BACKWARD_MMA_TILES)[bucket]
 
 
 def select_forward_mma(head_dim, simulator=False, causal=False, tf32_passes=0):

@@ -396,8 +396,8 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     mma = name in config.MMA_DTYPES
     if mma:
         cfg = config.select_backward_mma(head_dim, ops.SIMULATOR)
-        cfg.check_backward()
-        nbytes = cfg.backward_shared_bytes
+        cfg.check()
+        nbytes = cfg.shared_bytes
     else:
         cfg = config.select_backward(name, head_dim, ops.SIMULATOR)
         nbytes = config.check_fits(cfg, config.backward_shared_elements(cfg), name)

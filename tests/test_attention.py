@@ -119,9 +119,35 @@ UNEVEN_CHUNKS_CASE = Case(batch=1, seqlen_q=33, seqlen_k=35, nheads_k=1, group=1
 def test_head_dim_96_uneven_chunk_copies(poison, monkeypatch, dtype_name):
     if SIMULATOR:
         monkeypatch.setitem(config.SIMULATOR_MMA_TILE, 96, config.MmaConfig(32, 32, 96, 2))
+        monkeypatch.setitem(config.SIMULATOR_BACKWARD_MMA_TILE, 96,
+                            config.BackwardMmaConfig(32, 32, 96, 2, 1, 2, 1))
     assert config.head_dim_bucket(UNEVEN_CHUNKS_CASE.head_dim) == 96
     _check_forward(dtype_name, UNEVEN_CHUNKS_CASE)
     _check_backward(dtype_name, UNEVEN_CHUNKS_CASE)
+
+
+#: The backward's warp grids (config.BackwardMmaConfig) under the simulator, whose
+#: default tile has one warp: each product split over several warps, several 16 x 16
+#: blocks per warp, interleaved along both axes, partial and causal tiles, GQA.
+WARP_GRID_CASES = [
+    (config.BackwardMmaConfig(32, 32, 32, 4, 2, 2, 2),
+     Case(batch=1, seqlen_q=37, seqlen_k=45, nheads_k=1, group=2, head_dim=20, causal=True,
+          softmax_scale=None, layout="reversed", input_scale=1.0, seed=11)),
+    (config.BackwardMmaConfig(32, 64, 32, 4, 1, 4, 2),
+     Case(batch=2, seqlen_q=70, seqlen_k=29, nheads_k=1, group=1, head_dim=32, causal=False,
+          softmax_scale=0.3, layout="heads_major", input_scale=2.0, seed=12)),
+    (config.BackwardMmaConfig(64, 32, 64, 2, 2, 1, 1),
+     Case(batch=1, seqlen_q=50, seqlen_k=70, nheads_k=2, group=1, head_dim=40, causal=True,
+          softmax_scale=None, layout="padded", input_scale=1.0, seed=13)),
+]
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="the GPU runs the selected grids in test_backward")
+@pytest.mark.parametrize("cfg,case", WARP_GRID_CASES, ids=["2x2", "1x4", "2x1-interleaved"])
+def test_backward_warp_grids(poison, monkeypatch, cfg, case):
+    monkeypatch.setitem(config.SIMULATOR_BACKWARD_MMA_TILE, cfg.head_dim, cfg)
+    assert config.select_backward_mma(case.head_dim, True) == cfg
+    _check_backward("float16", case)
 
 
 #: Failures hypothesis found, kept as regressions.

@@ -85,7 +85,7 @@ def test_every_configuration_fits(dtype, bucket):
                 cfg.check()
                 assert cfg.head_dim == bucket
             backward = config.select_backward_mma(bucket, simulator)
-            backward.check_backward()
+            backward.check()
             assert backward.head_dim == bucket
 
 

@@ -2,33 +2,44 @@
 
 The algorithm of ``backward.py`` (and ``reference/tiled.py::flash_backward``) in the
 FlashAttention-2 arrangement. One thread block per (key tile, kv head, batch) keeps
-K_j and V_j in shared memory and dK_j, dV_j in registers; each warp owns 16 keys.
-For every query head of the GQA group and every query tile i that sees the keys:
+K_j and V_j in shared memory and dK_j, dV_j in registers. For every query head of
+the GQA group and every query tile i that sees the keys:
 
-    S^T  = K_j Q_i^T                      (keys are the mma's M dimension, so each
-    P^T  = exp2(S^T c - lse_i log2 e)      warp's rows of P^T and dS^T are its keys
-    dP^T = V_j dO_i^T                      and stay in registers)
-    dS^T = P^T * (dP^T - Delta_i) * scale  (the gradient of the logits)
-    dV_j += P^T dO_i                      (P^T's accumulators are an A-fragment)
-    dK_j += dS^T Q_i
-    dQ_i += dS K_j                        (dS^T goes through shared memory, each warp
-                                           sums all keys for 16 query rows and some
-                                           columns, float32 atomic adds of column
-                                           pairs into the dQ accumulator)
+    S   = Q_i K_j^T                     } warps in the S/dP grid (queries x keys);
+    P   = exp2(S c - lse_i log2 e)      } P and dS go to shared memory as 16-bit
+    dP  = dO_i V_j^T                    } values
+    dS  = P * (dP - Delta_i) * scale    }
+    dV_j += P^T dO_i                    } warps in the dK/dV grid (keys x head dim)
+    dK_j += dS^T Q_i                    }
+    dQ_i += dS K_j                      } warps in the dQ grid (queries x head dim),
+                                          float32 atomic adds of column pairs into
+                                          the dQ accumulator
 
-with c = softmax_scale * log2(e). P^T and dP^T are both float32 when dS^T is formed,
-as in FlashAttention-2; P^T is rounded to 16 bits only as the A operand of dV's product.
+with c = softmax_scale * log2(e). Each product has its own warp grid
+(``config.BackwardMmaConfig``): a warp's share of a product is a set of whole
+16 x 16 output blocks, so each fragment it loads from shared memory feeds several
+mma. The earlier arrangement gave every warp 16 keys and all the queries, which
+kept P^T in registers but made every warp load all of Q and dO for each of four
+products: 184 ldmatrix x4 per warp and query tile at head dim 128, against 144
+here (plus the stores of P and dS).
+
+Warp (w1, w2) of a W1 x W2 grid owns the blocks (w1 + W1 a, w2 + W2 b): interleaved,
+so that the swizzle's XOR never carries between a warp's origin and its steps
+(``make_steps``), whatever the tile widths.
+
+P and dS are formed from float32 P, as FlashAttention-2 does: P rounded to 16 bits
+(as dV's product takes it) would add its rounding to dS's and double dQ's error.
 softmax_scale is applied to dS before it is rounded to 16 bits for the dK and dQ
-products: dP alone can exceed the float16 range when the
-values are large (|dP| ~ |dO| |V| sqrt(d)), while scale * dS is the gradient of the
-logits, bounded by the outputs' size.
+products: dP alone can exceed the float16 range when the values are large
+(|dP| ~ |dO| |V| sqrt(d)), while scale * dS is the gradient of the logits, bounded
+by the outputs' size.
 
 Q_i, dO_i and the rows' statistics stream through two stages of shared memory:
 tile i+1's are copied with cp.async during all of tile i's work. The statistics come
 from the pre-pass as one float32 buffer ``stats[b, h, 0 | 1, row]`` = (lse log2 e,
-scale Delta), padded to whole query tiles, so that they travel by cp.async like the tiles;
-query rows past seqlen_q and rows that see no key carry lse log2 e = +inf there, so
-their P is exp2(-inf) = 0 without a special case.
+scale Delta), padded to whole query tiles, so that they travel by cp.async like the
+tiles; query rows past seqlen_q and rows that see no key carry lse log2 e = +inf
+there, so their P is exp2(-inf) = 0 without a special case.
 """
 import functools
 
@@ -36,63 +47,61 @@ import numpy as np
 from numba import cuda, from_dtype
 
 from .. import ops
-from ..config import MmaConfig, tile_row
-from .common import (NEG_INF, config_name, device, element_codec, kernel,
-                     make_key_tile_schedule, query_tile_range, static_loop, tile_needs_mask)
+from ..config import BackwardMmaConfig, tile_row
+from .common import (NEG_INF, config_name, device, element_codec, kernel, make_key_tile_schedule,
+                     query_tile_range, static_loop, tile_needs_mask)
 from .forward_mma import make_mma_tile_ops
 
 
 @functools.lru_cache(maxsize=None)
-def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
+def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
                        deterministic: bool = False):
     """The tensor-core backward kernel
     ``(q, k, v, dout, stats, dq_accum, dk, dv, scale, scale_log2)``.
 
     q, k, v, dout are uint16 views; dk, dv in their storage type; stats float32
     (batch, nheads, 2, seqlen_q rounded up to block_m), see ``build_stats``; dq_accum
-    float32 like q, or (splits * batch, ...) for
-    the deterministic mode (grid x = splits, see kernels/backward.py), its head dim
-    rounded up to a multiple of 8. ``cfg.block_m`` is the query
-    tile, ``cfg.block_n`` the key tile (16 keys per warp). Launch with grid
-    ``(ceil(seqlen_k / block_n), nheads_k, batch)``, ``cfg.threads`` threads and
-    ``cfg.backward_shared_bytes`` bytes of dynamic shared memory.
+    float32 like q, or (splits * batch, ...) for the deterministic mode (grid x =
+    splits, see kernels/backward.py), its head dim rounded up to a multiple of 8.
+    Launch with grid ``(ceil(seqlen_k / block_n), nheads_k, batch)``, ``cfg.threads``
+    threads and ``cfg.shared_bytes`` bytes of dynamic shared memory.
     """
+    cfg.check()
     BM, BN, D, NT = cfg.block_m, cfg.block_n, cfg.head_dim, cfg.threads
-    NW = cfg.warps
-    assert BN == 16 * NW, cfg
-    assert BM % 16 == 0 and BM <= 16 * NW, cfg
-    KS = D // 16          # k-steps over the head dim
-    NQ = BM // 8          # 8-query n-tiles of S^T
-    KQ = BM // 16         # k-steps of 16 over the queries
-    DT = D // 8           # 8-column n-tiles of dK, dV, dQ
-    KK = BN // 16         # k-steps of 16 over the keys (dQ = dS K)
-    # Two column passes at large head dims keep dQ's accumulator small; with more
-    # warps than 16-row blocks they give the spare warps work.
-    DQ_PASSES = cfg.dq_passes or (2 if D >= 128 or BM // 16 < NW else 1)
-    assert DT % (2 * DQ_PASSES) == 0, cfg
-    DTP = DT // DQ_PASSES  # dQ column n-tiles per pass
-    # dQ's work units: 16 query rows by one pass's columns, dealt round-robin to the
-    # warps (64 x 128 tiles over 8 warps: 4 row blocks x 2 passes, one unit per warp).
-    DQ_UNITS = (BM // 16) * DQ_PASSES
+    KD = D // 16                     # k-steps over the head dim (S, dP)
+    KQ = BM // 16                    # k-steps over the queries (dV, dK)
+    KK = BN // 16                    # k-steps over the keys (dQ)
     CAUSAL = causal
     key_tiles = make_key_tile_schedule(deterministic, BN)
     ZERO = np.float32(0.0)
     MINUS_INF = np.float32(NEG_INF)
 
-    # Shared memory, in 16-bit elements: K, V, two stages of (Q, dO), dS^T, then two
+    # Warp grids: W1 x W2 warps; each warp owns A1 x A2 blocks of 16 x 16.
+    SW1, SW2, _, _ = cfg.grids["sdp"]
+    KW1, KW2, _, _ = cfg.grids["dkv"]
+    QW1, QW2, _, _ = cfg.grids["dq"]
+    SA1, SA2 = BM // (16 * SW1), BN // (16 * SW2)      # queries, keys
+    KA1, KA2 = BN // (16 * KW1), D // (16 * KW2)       # keys, head dim
+    QA1, QA2 = BM // (16 * QW1), D // (16 * QW2)       # queries, head dim
+    SN, KN, QN = 2 * SA2, 2 * KA2, 2 * QA2             # their 8-column n-tiles
+
+    # Shared memory, in 16-bit elements: K, V, two stages of (Q, dO), P, dS, then two
     # stages of the float32 rows (lse log2 e, then scale Delta). Stage s of Q is at
     # OFF_Q + s * QSTAGE, its dO at OFF_DO + s * QSTAGE, its rows at float s * RSTAGE.
-    # Tiles are swizzled (forward_mma.make_mma_tile_ops), rows of cfg.row elements.
+    # Tiles are swizzled (forward_mma.make_mma_tile_ops): K, V, Q, dO rows of
+    # cfg.row elements, P and dS rows (queries) of PROW elements (keys).
     ROW = cfg.row
+    PROW = tile_row(BN, 2)
     QSTAGE = 2 * BM * ROW
     RSTAGE = 2 * BM
     OFF_K = 0
     OFF_V = OFF_K + BN * ROW
     OFF_Q = OFF_V + BN * ROW
     OFF_DO = OFF_Q + BM * ROW
-    OFF_DS = OFF_Q + 2 * QSTAGE       # dS^T: BN rows (keys) of BM queries
-    OFF_ROWS = OFF_DS + BN * tile_row(BM, 2)
-    assert OFF_ROWS * 2 + 2 * RSTAGE * 4 == cfg.backward_shared_bytes
+    OFF_P = OFF_Q + 2 * QSTAGE
+    OFF_DS = OFF_P + BM * PROW
+    OFF_ROWS = OFF_DS + BM * PROW
+    assert OFF_ROWS * 2 + 2 * RSTAGE * 4 == cfg.shared_bytes
     ROW_CHUNKS = BM // 4              # 16-byte chunks of one statistic's rows
     assert 2 * ROW_CHUNKS <= NT, cfg
 
@@ -100,35 +109,125 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
     load_kv = make_loader(BN)
     load_q = make_loader(BM)
     # Byte offsets of the tiles; make_steps wants each at a multiple of 128 bytes.
-    K_AT, V_AT, Q_AT, DO_AT, DS_AT = (2 * x for x in (OFF_K, OFF_V, OFF_Q, OFF_DO, OFF_DS))
-    assert all(x % 128 == 0 for x in (K_AT, V_AT, Q_AT, DO_AT, DS_AT, 2 * QSTAGE)), cfg
-    # ldmatrix (and dS^T's store) addresses split by make_steps into a per-lane offset
-    # and compile-time parts; lane (mat, r8) = (lane >> 3, lane & 7) of each x4:
-    # - KEY_*: a key tile (K, V) as the A operand of S^T, dP^T: row 16 warp + 8 (mat & 1)
-    #   + r8, column 8 (mat >> 1); step kk at (0, 16 kk).
-    # - QRY_*: a query tile (Q, dO) as their B operand: row 8 (mat >> 1) + r8, column
-    #   8 (mat & 1); step (kk, nq2) at (16 nq2, 16 kk).
-    # - TRN_*: a D-wide tile read transposed (Q, dO as dK's and dV's B operand, K as
-    #   dQ's): row 8 (mat & 1) + r8, column 8 (mat >> 1); step (r, c) at (16 r, 16 c).
-    # - DSW_*: this thread's dS^T values, row 16 warp + g (+ 8), column 2 t (+ 8 nq).
-    # - DSR_*: dS read transposed as dQ's A operand: row 8 (mat >> 1) + r8, column
-    #   16 rows + 8 (mat & 1) for the unit's 16-row block; step kk at (16 kk, 0).
-    warp_rows = [w * 16 + r for w in range(NW) for r in range(16)]
-    key_lane, KEY_HI, KEY_LO = make_steps(
-        D, warp_rows, [0, 8], [(0, 16 * kk) for kk in range(KS)])
-    qry_lane, QRY_HI, QRY_LO = make_steps(
-        D, range(16), [0, 8], [(16 * nq2, 16 * kk) for kk in range(KS) for nq2 in range(NQ // 2)])
-    TRN_ROWS = max(KQ, KK)
-    trn_lane, TRN_HI, TRN_LO = make_steps(
-        D, range(16), [0, 8], [(16 * r, 16 * c) for r in range(TRN_ROWS) for c in range(DT // 2)])
-    dsw_lane, DSW_HI, DSW_LO = make_steps(
-        BM, [w * 16 + g for w in range(NW) for g in range(8)], range(0, 8, 2),
-        [(8 * rh, 8 * nq) for nq in range(NQ) for rh in range(2)])
-    dsr_lane, DSR_HI, DSR_LO = make_steps(
-        BM, range(16), [16 * r + c for r in range(BM // 16) for c in (0, 8)],
-        [(16 * kk, 0) for kk in range(KK)])
+    K_AT, V_AT, Q_AT, DO_AT, P_AT, DS_AT = (
+        2 * x for x in (OFF_K, OFF_V, OFF_Q, OFF_DO, OFF_P, OFF_DS))
+    assert all(x % 128 == 0 for x in (K_AT, V_AT, Q_AT, DO_AT, P_AT, DS_AT, 2 * QSTAGE)), cfg
+
+    def operand(width, rows, cols, w1s, w2s):
+        """make_steps for an ldmatrix x4 operand pattern (see ``lane_rc``): the
+        warp's origin is (16 w1, 16 w2) for w1 in ``w1s``, w2 in ``w2s``; ``rows`` and
+        ``cols`` list the steps' (row, column) offsets."""
+        lane_rows = [16 * w + 8 * x + r for w in w1s for x in (0, 1) for r in range(8)]
+        lane_cols = [16 * w + 8 * x for w in w2s for x in (0, 1)]
+        return make_steps(width, lane_rows, lane_cols, list(zip(rows, cols)))
+
+    @device
+    def lane_rc(lane, w1, w2):
+        """(row, column) of this lane's first ldmatrix x4 address in a block at
+        (16 w1, 16 w2): lane (mat, r8) = (lane >> 3, lane & 7) reads row 8 (mat & 1) + r8,
+        column 8 (mat >> 1). Those are the A fragment's four 8 x 8 matrices of a
+        row-major tile, and the B fragments of two 8-column n-tiles of a tile stored
+        k-major (read transposed)."""
+        mat = lane >> 3
+        return 16 * w1 + 8 * (mat & 1) + (lane & 7), 16 * w2 + 8 * (mat >> 1)
+
+    @device
+    def lane_rc_swapped(lane, w1, w2):
+        """The other order, row 8 (mat >> 1) + r8, column 8 (mat & 1): the B fragments
+        of two n-tiles of a tile stored n-major, and the A fragment of a tile stored
+        k-major (read transposed)."""
+        mat = lane >> 3
+        return 16 * w1 + 8 * (mat >> 1) + (lane & 7), 16 * w2 + 8 * (mat & 1)
+
+    # Steps are numbered (k-step, block): index kk * A + a.
+    # S = Q K^T, dP = dO V^T. A: Q rows (queries) by head-dim columns; B: K rows (keys).
+    s_a = operand(D, [16 * SW1 * a for kk in range(KD) for a in range(SA1)],
+                  [16 * kk for kk in range(KD) for a in range(SA1)], range(SW1), [0])
+    s_b = operand(D, [16 * SW2 * b for kk in range(KD) for b in range(SA2)],
+                  [16 * kk for kk in range(KD) for b in range(SA2)], range(SW2), [0])
+    # dV = P^T dO, dK = dS^T Q. A: P^T read transposed from P (rows queries, columns
+    # keys); B: dO (rows queries, head-dim columns) read transposed.
+    kv_a = operand(BN, [16 * kk for kk in range(KQ) for a in range(KA1)],
+                   [16 * KW1 * a for kk in range(KQ) for a in range(KA1)], [0], range(KW1))
+    kv_b = operand(D, [16 * kk for kk in range(KQ) for b in range(KA2)],
+                   [16 * KW2 * b for kk in range(KQ) for b in range(KA2)], [0], range(KW2))
+    # dQ = dS K. A: dS (rows queries, columns keys); B: K (rows keys) read transposed.
+    q_a = operand(BN, [16 * QW1 * a for kk in range(KK) for a in range(QA1)],
+                  [16 * kk for kk in range(KK) for a in range(QA1)], range(QW1), [0])
+    q_b = operand(D, [16 * kk for kk in range(KK) for b in range(QA2)],
+                  [16 * QW2 * b for kk in range(KK) for b in range(QA2)], [0], range(QW2))
+    # P and dS stores: this thread's pair (row g + 8 rh, columns 2t, 2t + 1) of n-tile
+    # 2 b + half of block (a, b), numbered ((a * A2 + b) * 2 + half) * 2 + rh.
+    s_a_lane_at, s_b_lane_at, kv_a_lane_at, kv_b_lane_at, q_a_lane_at, q_b_lane_at = (
+        x[0] for x in (s_a, s_b, kv_a, kv_b, q_a, q_b))
+    st_lane, ST_HI, ST_LO = make_steps(
+        BN, [16 * w + g for w in range(SW1) for g in range(8)],
+        [16 * w + 2 * t for w in range(SW2) for t in range(4)],
+        [(16 * SW1 * a + 8 * rh, 16 * SW2 * b + 8 * half)
+         for a in range(SA1) for b in range(SA2) for half in range(2) for rh in range(2)])
     _, from_acc = element_codec(dtype_name)
     F32 = from_dtype(np.float32)
+
+    def make_product(A1, A2, KSTEPS, a_ops, b_ops, a_trans, b_trans):
+        """``product(acc, a_lane, b_lane, smem_base)``: acc[a, 2 b + half] += the
+        warp's blocks of A B over KSTEPS k-steps of 16. ``a_lane`` and ``b_lane`` are
+        the lane's byte offsets of its first A and B fragments (tile included); A is
+        loaded for all A1 blocks and B for all A2 blocks of a k-step before its
+        A1 x A2 x 2 mma."""
+        _, A_HI, A_LO = a_ops
+        _, B_HI, B_LO = b_ops
+        load_a = ops.ldmatrix_x4_trans if a_trans else ops.ldmatrix_x4
+        load_b = ops.ldmatrix_x4_trans if b_trans else ops.ldmatrix_x4
+
+        def a_step(a, kk, af, a_lane, smem_base):
+            i = kk * A1 + a
+            x = load_a(smem_base + ((a_lane ^ A_LO[i]) + A_HI[i]))
+            for r in range(4):
+                af[a, r] = x[r]
+
+        def b_step(b, kk, bf, b_lane, smem_base):
+            i = kk * A2 + b
+            x = load_b(smem_base + ((b_lane ^ B_LO[i]) + B_HI[i]))
+            for r in range(4):
+                bf[b, r] = x[r]
+
+        def mma_step(ab, acc, af, bf):
+            a = ab // A2
+            b = ab - a * A2
+            for half in range(2):
+                n = 2 * b + half
+                c = mma(af[a, 0], af[a, 1], af[a, 2], af[a, 3], bf[b, 2 * half],
+                        bf[b, 2 * half + 1], acc[a, n, 0], acc[a, n, 1], acc[a, n, 2],
+                        acc[a, n, 3])
+                for r in range(4):
+                    acc[a, n, r] = c[r]
+
+        a_steps = static_loop(A1, device(a_step))
+        b_steps = static_loop(A2, device(b_step))
+        mma_steps = static_loop(A1 * A2, device(mma_step))
+
+        def k_step(kk, acc, a_lane, b_lane, smem_base):
+            af = cuda.local.array((A1, 4), np.uint32)
+            bf = cuda.local.array((A2, 4), np.uint32)
+            a_steps(kk, af, a_lane, smem_base)
+            b_steps(kk, bf, b_lane, smem_base)
+            mma_steps(acc, af, bf)
+
+        return static_loop(KSTEPS, device(k_step))
+
+    sdp_product = make_product(SA1, SA2, KD, s_a, s_b, False, False)
+    kv_product = make_product(KA1, KA2, KQ, kv_a, kv_b, True, True)
+    dq_product = make_product(QA1, QA2, KK, q_a, q_b, False, True)
+
+    def make_zero(A1, N):
+        def zero_step(an, acc):
+            for r in range(4):
+                acc[an // N, an % N, r] = ZERO
+        return static_loop(A1 * N, device(zero_step))
+
+    zero_s = make_zero(SA1, SN)
+    zero_kv = make_zero(KA1, KN)
+    zero_q = make_zero(QA1, QN)
 
     def load_query_tile(smem_base, stage, q, dout, stats, b, h, m0, seqlen_q, head_dim, tid):
         """cp.async of Q_i, dO_i and the rows' (lse log2 e, scale Delta) into ``stage``."""
@@ -142,268 +241,159 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
             ops.cp_async_16(dst, ops.global_addr(stats, b, h, which, m0 + 4 * chunk),
                             np.uint32(16))
 
-    @device
-    def mma_pair(acc, n, a0, a1, a2, a3, b):
-        """acc[n] and acc[n + 1] += A times the two 8-column halves of an ldmatrix x4
-        B fragment ``b``: the step every product of this kernel repeats."""
-        for half in range(2):
-            c = mma(a0, a1, a2, a3, b[2 * half], b[2 * half + 1],
-                    acc[n + half, 0], acc[n + half, 1], acc[n + half, 2], acc[n + half, 3])
-            for r in range(4):
-                acc[n + half, r] = c[r]
+    def mask_step(an, s, keys_left, diagonal):
+        """S = -inf in n-tile (a, n) for keys past seqlen_k and, when causal, above the
+        diagonal; in 32 bits, relative to this thread's first query and key."""
+        a = an // SN
+        n = an % SN
+        for r in range(4):
+            dq_ = np.int32(16 * SW1 * a + 8 * (r >> 1))                   # query - first
+            dk_ = np.int32(16 * SW2 * (n >> 1) + 8 * (n & 1) + (r & 1))   # key - first
+            if dk_ >= keys_left or (CAUSAL and dk_ > dq_ + diagonal):
+                s[a, n, r] = MINUS_INF
 
-    def make_keys_by_queries(pairs):
-        """``product(acc, nq2_0, a_at, b_at, smem_base, warp, lane)``: acc += A B^T
-        for this warp's 16 keys and queries [16 nq2_0, 16 (nq2_0 + pairs)), with A a key
-        tile (K or V) ``a_at`` bytes into shared memory and B a query tile (Q or dO) at
-        ``b_at``; acc's n-tile 2 j + half holds query n-tile 2 (nq2_0 + j) + half.
-        k-step by k-step, A's fragment is loaded once for all the pairs of n-tiles."""
-        def pair_step(j, acc, a, kk, nq2_0, b_at, smem_base, lane):
-            mat = lane >> 3
-            lb = b_at + qry_lane((mat >> 1) * 8 + (lane & 7), (mat & 1) * 8)
-            i = kk * (NQ // 2) + nq2_0 + j
-            bq = ops.ldmatrix_x4(smem_base + ((lb ^ QRY_LO[i]) + QRY_HI[i]))
-            mma_pair(acc, 2 * j, a[0], a[1], a[2], a[3], bq)
+    mask_steps = static_loop(SA1 * SN, device(mask_step))
 
-        pair_steps = static_loop(pairs, device(pair_step))
-
-        def k_step(kk, acc, nq2_0, a_at, b_at, smem_base, warp, lane):
-            mat = lane >> 3
-            la = a_at + key_lane(warp * 16 + (mat & 1) * 8 + (lane & 7), (mat >> 1) * 8)
-            a = ops.ldmatrix_x4(smem_base + ((la ^ KEY_LO[kk]) + KEY_HI[kk]))
-            pair_steps(acc, a, kk, nq2_0, b_at, smem_base, lane)
-
-        return static_loop(KS, device(k_step))
-
-    st_product = make_keys_by_queries(NQ // 2)          # S^T = K Q^T, all queries
-    # dP^T = V dO^T, DP_PAIRS pairs of query n-tiles at a time: all of it at once would
-    # keep NQ * 4 more accumulators live beside P^T's. ptxas reuses V's fragments
-    # across groups anyway (the same SASS ldmatrix count for 1 and 2 pairs), and 2
-    # pairs spilled 24 bytes more at head dim 128 (tests/ptx_check.py).
-    DP_PAIRS = 1
-    DPN = 2 * DP_PAIRS     # query n-tiles per group
-    assert KQ % DP_PAIRS == 0, cfg
-    dpt_product = make_keys_by_queries(DP_PAIRS)
-
-    def ds_step(group, frag, pt, rows_f32, rs, qs, scale, smem_base, warp, lane):
-        """dS^T = P^T (scale dP^T - scale Delta) for query n-tile pairs [DP_PAIRS group,
-        DP_PAIRS (group + 1)), packed into frag[nq2] as A-fragments of dK's product.
-
-        P^T is taken in float32, as FlashAttention-2 does: P rounded to 16 bits (as
-        dV's product takes it) would add its rounding to dS's and double dQ's error."""
-        t = lane & 3
-        dpt = cuda.local.array((DPN, 4), np.float32)
-        for n in range(DPN):
-            for i in range(4):
-                dpt[n, i] = ZERO
-        nq2_0 = group * DP_PAIRS
-        dpt_product(dpt, nq2_0, V_AT, DO_AT + qs, smem_base, warp, lane)
-        ds = cuda.local.array((DPN, 4), np.float32)
-        for n in range(DPN):
-            nq = 2 * nq2_0 + n
-            delta0 = rows_f32[rs + BM + nq * 8 + 2 * t]          # scale Delta
-            delta1 = rows_f32[rs + BM + nq * 8 + 2 * t + 1]
-            for rh in range(2):
-                ds[n, 2 * rh] = pt[nq, 2 * rh] * cuda.fma(dpt[n, 2 * rh], scale, -delta0)
-                ds[n, 2 * rh + 1] = pt[nq, 2 * rh + 1] * cuda.fma(dpt[n, 2 * rh + 1], scale,
-                                                                  -delta1)
-        for j in range(DP_PAIRS):
-            frag[nq2_0 + j, 0] = pack(ds[2 * j, 0], ds[2 * j, 1])
-            frag[nq2_0 + j, 1] = pack(ds[2 * j, 2], ds[2 * j, 3])
-            frag[nq2_0 + j, 2] = pack(ds[2 * j + 1, 0], ds[2 * j + 1, 1])
-            frag[nq2_0 + j, 3] = pack(ds[2 * j + 1, 2], ds[2 * j + 1, 3])
-
-    ds_steps = static_loop(KQ // DP_PAIRS, device(ds_step))
-
-    def mask_scores(st, n0, m0, seqlen_q, seqlen_k, warp, lane):
-        """S^T = -inf for keys past seqlen_k and, when causal, above the diagonal.
-
-        Called on the tiles that need it only (``tile_needs_mask``), apart from the
-        exponentials: a test inside their loop was turned into 32 selects that every
-        tile ran. In 32 bits, relative to this thread's first key."""
+    def mask_scores(s, n0, m0, seqlen_q, seqlen_k, w1, w2, lane):
+        """Called on the tiles that need it only (``tile_needs_mask``)."""
         g = lane >> 2
         t = lane & 3
-        key0 = np.int32(n0 + warp * 16 + g)
-        keys_left = np.int32(seqlen_k) - key0             # keys key0, key0 + 1, ... exist
-        # query m0 + q sees key0 + r up to r = q + diagonal
-        diagonal = np.int32(m0 + seqlen_k - seqlen_q) - key0
-        for nq in range(NQ):
-            for i in range(4):
-                r = np.int32(8 * (i >> 1))
-                q = np.int32(nq * 8 + (i & 1)) + 2 * t
-                if r >= keys_left or (CAUSAL and r > q + diagonal):
-                    st[nq, i] = MINUS_INF
+        query0 = np.int32(m0 + 16 * w1 + g)
+        key0 = np.int32(n0 + 16 * w2 + 2 * t)
+        keys_left = np.int32(seqlen_k) - key0
+        # query0 + dq sees key0 + dk up to dk = dq + diagonal
+        diagonal = query0 + np.int32(seqlen_k - seqlen_q) - key0
+        mask_steps(s, keys_left, diagonal)
 
-    def probabilities(st, rows_f32, rs, scale_log2, lane):
-        """st: S^T -> P^T = exp2(S^T c - lse log2 e) (masked scores are -inf: c > 0)."""
-        t = lane & 3
-        for nq in range(NQ):
-            for i in range(4):
-                col = nq * 8 + 2 * t + (i & 1)            # query within the tile
-                st[nq, i] = ops.ex2(cuda.fma(st[nq, i], scale_log2, -rows_f32[rs + col]))
-
-    def grad_step(step, acc, frag, b_at, smem_base, lane):
-        """One 16-query by 16-column step of acc += A B, A a P^T or dS^T fragment held
-        in registers, B a query tile (dO or Q) ``b_at`` bytes into shared memory."""
-        kq = step // (DT // 2)
-        dt2 = step - kq * (DT // 2)
-        mat = lane >> 3
-        lb = b_at + trn_lane((mat & 1) * 8 + (lane & 7), (mat >> 1) * 8)
-        bq = ops.ldmatrix_x4_trans(smem_base + ((lb ^ TRN_LO[step]) + TRN_HI[step]))
-        mma_pair(acc, 2 * dt2, frag[kq, 0], frag[kq, 1], frag[kq, 2], frag[kq, 3], bq)
-
-    grad_steps = static_loop(KQ * DT // 2, device(grad_step))
-
-    def pack_step(kq, frag, x):
-        frag[kq, 0] = pack(x[2 * kq, 0], x[2 * kq, 1])
-        frag[kq, 1] = pack(x[2 * kq, 2], x[2 * kq, 3])
-        frag[kq, 2] = pack(x[2 * kq + 1, 0], x[2 * kq + 1, 1])
-        frag[kq, 3] = pack(x[2 * kq + 1, 2], x[2 * kq + 1, 3])
-
-    pack_steps = static_loop(KQ, device(pack_step))
-
-    def store_ds(step, frag, smem_base, warp, lane):
-        """dS^T (already packed to 16 bits) into shared memory, rows = keys."""
+    def rows_step(a, rows, rows_f32, at, w1, lane):
+        """This thread's query rows' statistic at ``at`` floats into the stage."""
         g = lane >> 2
-        t = lane & 3
-        kq = step
-        lane_at = DS_AT + dsw_lane(warp * 16 + g, 2 * t)
+        for rh in range(2):
+            rows[a, rh] = rows_f32[at + 16 * (w1 + SW1 * a) + g + 8 * rh]
+
+    load_rows = static_loop(SA1, device(rows_step))
+
+    def exp_step(an, s, lse, scale_log2):
+        """S -> P = exp2(S c - lse log2 e) (masked scores are -inf: c > 0)."""
+        a = an // SN
+        n = an % SN
+        for r in range(4):
+            s[a, n, r] = ops.ex2(cuda.fma(s[a, n, r], scale_log2, -lse[a, r >> 1]))
+
+    def ds_step(an, dp, p, delta, scale):
+        """dP -> dS = P (dP scale - scale Delta)."""
+        a = an // SN
+        n = an % SN
+        for r in range(4):
+            dp[a, n, r] = p[a, n, r] * cuda.fma(dp[a, n, r], scale, -delta[a, r >> 1])
+
+    def store_step(ab, x, at, smem_base):
+        """Block (a, b) of x, rounded to 16 bits, into a P-shaped tile."""
+        a = ab // SA2
+        b = ab - a * SA2
         for half in range(2):
-            nq = 2 * kq + half
+            n = 2 * b + half
             for rh in range(2):
-                i = 2 * nq + rh
-                ops.st_shared_u32(smem_base + ((lane_at ^ DSW_LO[i]) + DSW_HI[i]),
-                                  frag[kq, 2 * half + rh])
+                i = (ab * 2 + half) * 2 + rh
+                ops.st_shared_u32(smem_base + ((at ^ ST_LO[i]) + ST_HI[i]),
+                                  pack(x[a, n, 2 * rh], x[a, n, 2 * rh + 1]))
 
-    store_ds_steps = static_loop(KQ, device(store_ds))
+    store_tile = static_loop(SA1 * SA2, device(store_step))
 
-    def make_dq_pass(pass_index):
-        """dQ_i += dS K_j (dS is already scaled) for this warp's 16 query rows and the
-        pass's DTP column n-tiles, added into the float32 accumulator with atomics, two
+    exp_steps = static_loop(SA1 * SN, device(exp_step))
+    ds_steps = static_loop(SA1 * SN, device(ds_step))
+
+    def red_step(ab, dq, base, row8, rows_left, cols_left, checked):
+        """dq's block (a, b) added into the accumulator, two columns per reduction."""
+        a = ab // QA2
+        b = ab - a * QA2
+        for half in range(2):
+            n = 2 * b + half
+            col = np.int32(16 * QW2 * b + 8 * half)
+            for rh in range(2):
+                row = np.int32(16 * QW1 * a + 8 * rh)
+                at = base + (np.uint64(2 * QW1 * a + rh) * row8 + np.uint64(4 * col))
+                if not checked or (row < rows_left and col < cols_left):
+                    ops.red_add_f32x2(at, dq[a, n, 2 * rh], dq[a, n, 2 * rh + 1])
+
+    red_steps = static_loop(QA1 * QA2, device(red_step))
+
+    def add_dq(dq, dq_accum, b, h, m0, seqlen_q, w1, w2, lane):
+        """dQ_i's share of this warp into the float32 accumulator with atomics, two
         columns per reduction: the L2's atomic units were the backward's bottleneck
         (79% busy with scalar atomics, ncu on the H100).
-        Large head dims take the columns in two passes to keep the dQ accumulator's
-        registers down."""
-        COL0 = pass_index * DTP * 8
 
-        def dq_step(step, acc, smem_base, rows, lane):
-            kk = step // (DTP // 2)
-            dt2 = step - kk * (DTP // 2)
-            mat = lane >> 3
-            r8 = lane & 7
-            # A = dS (queries x keys) is the transpose of the stored dS^T: ldmatrix.trans.
-            la = DS_AT + dsr_lane((mat >> 1) * 8 + r8, rows * 16 + (mat & 1) * 8)
-            lk = K_AT + trn_lane((mat & 1) * 8 + r8, (mat >> 1) * 8)
-            i = kk * (DT // 2) + COL0 // 16 + dt2
-            a = ops.ldmatrix_x4_trans(smem_base + ((la ^ DSR_LO[kk]) + DSR_HI[kk]))
-            kb = ops.ldmatrix_x4_trans(smem_base + ((lk ^ TRN_LO[i]) + TRN_HI[i]))
-            mma_pair(acc, 2 * dt2, a[0], a[1], a[2], a[3], kb)
-
-        steps = static_loop(KK * DTP // 2, device(dq_step))
-
-        def dq_pass(dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane):
-            g = lane >> 2
-            t = lane & 3
-            for dt in range(DTP):
-                for i in range(4):
-                    dq[dt, i] = ZERO
-            steps(dq, smem_base, rows, lane)
-            # One address per thread; each pair's offset from it is a constant. dq_accum
-            # is nbflash's own contiguous buffer and its head dim a multiple of 8, so a
-            # pair is inside whole or not at all, and 8-byte aligned. The address of a
-            # row past seqlen_q is formed but never used.
-            row = m0 + rows * 16 + g
-            base = ops.global_addr(dq_accum, b, row, h, 0) + np.uint64(4 * COL0 + 8 * t)
-            row8 = np.uint64(8 * dq_accum.strides[1])
-            if m0 + BM <= seqlen_q and dq_accum.shape[3] == D:
-                # Interior tiles, at full head dims: no tests. (Each test cost a branch and
-                # a reconvergence barrier per reduction in the SASS.)
-                for half in range(2):
-                    for dt in range(DTP):
-                        ops.red_add_f32x2(base + (half * row8 + np.uint64(32 * dt)),
-                                          dq[dt, 2 * half], dq[dt, 2 * half + 1])
-            else:
-                rows_left = np.int32(seqlen_q - row)
-                cols_left = np.int32(dq_accum.shape[3]) - np.int32(COL0 + 2 * t)
-                for half in range(2):
-                    if np.int32(8 * half) < rows_left:
-                        for dt in range(DTP):
-                            if np.int32(8 * dt) < cols_left:
-                                ops.red_add_f32x2(base + (half * row8 + np.uint64(32 * dt)),
-                                                  dq[dt, 2 * half], dq[dt, 2 * half + 1])
-
-        return device(dq_pass)
-
-    def make_dq_passes(first):
-        """``run(which, ...)``: pass ``which`` (at least ``first``) of the dQ columns;
-        each pass is compiled for its own columns."""
-        this = make_dq_pass(first)
-        if first == DQ_PASSES - 1:
-            def last(which, dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane):
-                this(dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane)
-
-            return device(last)
-        rest = make_dq_passes(first + 1)
-
-        def run(which, dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane):
-            if which == first:
-                this(dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane)
-            else:
-                rest(which, dq, dq_accum, smem_base, b, h, m0, seqlen_q, rows, lane)
-
-        return device(run)
-
-    dq_passes = make_dq_passes(0)
-
-    def zero_step(dt, acc):
-        for i in range(4):
-            acc[dt, i] = ZERO
-
-    zero_acc = static_loop(NQ, device(zero_step))
-
-    def store_step(dt, dk, dv, dk_acc, dv_acc, b, h_kv, key0, seqlen_k, t):
-        """dK and dV for n-tile dt of this thread's two key rows."""
-        for half in range(2):
-            key = key0 + 8 * half
-            for j in range(2):
-                col = dt * 8 + 2 * t + j
-                if key < seqlen_k and col < dk.shape[3]:
-                    dk[b, key, h_kv, col] = from_acc(dk_acc[dt, 2 * half + j])
-                    dv[b, key, h_kv, col] = from_acc(dv_acc[dt, 2 * half + j])
-
-    # Loops over the DT n-tiles of dK and dV: NVVM does not unroll them on its own at
-    # head dim 128, and one rolled loop sends both accumulators to local memory.
-    zero_steps = static_loop(DT, device(zero_step))
-    store_steps = static_loop(DT, device(store_step))
-
-    def store_pair_step(dt, at, acc, half):
-        ops.st_global_u32(at + np.uint64(16 * dt), pack(acc[dt, 2 * half], acc[dt, 2 * half + 1]))
-
-    store_pairs = static_loop(DT, device(store_pair_step))
-
-    def store_gradients(dk, dv, dk_acc, dv_acc, b, h_kv, key0, seqlen_k, t):
-        """dK_j and dV_j for this thread's two key rows. At full head dims each row takes
-        packed pairs at constant offsets from one address: element stores formed a
-        64-bit address each and held its registers until issued, and took a third of
-        the kernel's time at seqlen 512 (ncu, d128)."""
-        if dk.shape[3] == D:
-            for half in range(2):
-                key = key0 + 8 * half
-                if key < seqlen_k:
-                    at = np.uint64(4 * t)
-                    store_pairs(ops.global_addr(dk, b, key, h_kv, 0) + at, dk_acc, half)
-                    store_pairs(ops.global_addr(dv, b, key, h_kv, 0) + at, dv_acc, half)
+        One address per thread; each pair's offset from it is a constant times the row
+        stride or a constant. dq_accum is nbflash's own contiguous buffer and its head
+        dim a multiple of 8, so a pair is inside whole or not at all, and 8-byte
+        aligned. Addresses of rows past seqlen_q are formed but never used."""
+        g = lane >> 2
+        t = lane & 3
+        row = m0 + 16 * w1 + g
+        col = 16 * w2 + 2 * t
+        base = ops.global_addr(dq_accum, b, row, h, 0) + np.uint64(4 * col)
+        row8 = np.uint64(8 * dq_accum.strides[1])
+        rows_left = np.int32(seqlen_q - row)
+        cols_left = np.int32(dq_accum.shape[3] - col)
+        # Interior tiles at full head dims need no tests; each cost a branch and a
+        # reconvergence barrier per reduction in the SASS.
+        interior = m0 + BM <= seqlen_q and dq_accum.shape[3] == D
+        if interior:
+            red_steps(dq, base, row8, rows_left, cols_left, False)
         else:
-            store_steps(dk, dv, dk_acc, dv_acc, b, h_kv, key0, seqlen_k, t)
+            red_steps(dq, base, row8, rows_left, cols_left, True)
 
-    store_gradients_d = device(store_gradients)
+    def store_pair_step(ab, acc, base, row8, keys_left):
+        a = ab // KA2
+        b = ab - a * KA2
+        for rh in range(2):
+            if np.int32(16 * KW1 * a + 8 * rh) < keys_left:
+                at = base + np.uint64(2 * KW1 * a + rh) * row8
+                for half in range(2):
+                    n = 2 * b + half
+                    ops.st_global_u32(at + np.uint64(2 * (16 * KW2 * b + 8 * half)),
+                                      pack(acc[a, n, 2 * rh], acc[a, n, 2 * rh + 1]))
+
+    store_pairs = static_loop(KA1 * KA2, device(store_pair_step))
+
+    def store_element_step(ab, out, acc, b_, h_kv, key0, col0, seqlen_k):
+        a = ab // KA2
+        b = ab - a * KA2
+        for rh in range(2):
+            key = key0 + 16 * KW1 * a + 8 * rh
+            for half in range(2):
+                n = 2 * b + half
+                for j in range(2):
+                    col = col0 + 16 * KW2 * b + 8 * half + j
+                    if key < seqlen_k and col < out.shape[3]:
+                        out[b_, key, h_kv, col] = from_acc(acc[a, n, 2 * rh + j])
+
+    store_elements = static_loop(KA1 * KA2, device(store_element_step))
+
+    def store_gradient(out, acc, b, h_kv, n0, seqlen_k, w1, w2, lane):
+        """dK_j or dV_j: this warp's blocks, written once. At full head dims each row
+        takes packed pairs at constant offsets from one address per thread: element
+        stores formed a 64-bit address each and held its registers until issued
+        (a third of the kernel's time at seqlen 512, ncu, d128)."""
+        g = lane >> 2
+        t = lane & 3
+        key0 = n0 + 16 * w1 + g
+        col0 = 16 * w2 + 2 * t
+        if out.shape[3] == D:
+            base = ops.global_addr(out, b, key0, h_kv, 0) + np.uint64(2 * col0)
+            store_pairs(acc, base, np.uint64(8 * out.strides[1]),
+                        np.int32(seqlen_k) - np.int32(key0))
+        else:
+            store_elements(out, acc, b, h_kv, key0, col0, seqlen_k)
+
+    store_gradient_d = device(store_gradient)
+    add_dq_d = device(add_dq)
     load_query_tile_d = device(load_query_tile)
-    probabilities_d = device(probabilities)
     mask_scores_d = device(mask_scores)
     U16 = from_dtype(np.uint16)
 
-    @kernel(f"backward_mma_{dtype_name}_{config_name(cfg)}_{'causal' if causal else 'full'}"
-            + ("_deterministic" if deterministic else ""),
+    @kernel(f"backward_mma_{dtype_name}_{config_name(cfg)}_"
+            f"{'causal' if causal else 'full'}" + ("_deterministic" if deterministic else ""),
             (cfg, dtype_name, causal, deterministic), lineinfo=True)
     def backward_mma(q, k, v, dout, stats, dq_accum, dk, dv, scale, scale_log2):
         h_kv = cuda.blockIdx.y
@@ -411,8 +401,6 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
         tid = cuda.threadIdx.x
         warp = tid >> 5
         lane = tid & 31
-        g = lane >> 2
-        t = lane & 3
         seqlen_q = q.shape[1]
         seqlen_k = k.shape[1]
         head_dim = q.shape[3]
@@ -420,21 +408,44 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
         # One key tile per block, or, deterministic, a strided share of them and a
         # dQ accumulator slice of its own: see DETERMINISM in kernels/backward.py.
         split, stop, step, dq_b = key_tiles(b, q.shape[0], seqlen_k)
+        # This warp's place in each product's grid.
+        s1 = warp // SW2
+        s2 = warp - s1 * SW2
+        k1 = warp // KW2
+        k2 = warp - k1 * KW2
+        q1 = warp // QW2
+        q2 = warp - q1 * QW2
+        # Lane offsets (bytes) of the first fragments, tiles at stage 0.
+        r, c = lane_rc(lane, s1, 0)
+        s_a_lane = s_a_lane_at(r, c)
+        r, c = lane_rc_swapped(lane, s2, 0)
+        s_b_lane = s_b_lane_at(r, c)
+        r, c = lane_rc_swapped(lane, 0, k1)
+        kv_a_lane = kv_a_lane_at(r, c)
+        r, c = lane_rc(lane, 0, k2)
+        kv_b_lane = kv_b_lane_at(r, c)
+        r, c = lane_rc(lane, q1, 0)
+        q_a_lane = q_a_lane_at(r, c)
+        r, c = lane_rc(lane, 0, q2)
+        q_b_lane = q_b_lane_at(r, c)
+        st_at = st_lane(16 * s1 + (lane >> 2), 16 * s2 + 2 * (lane & 3))
 
         smem = cuda.shared.array(0, U16)
         smem_base = ops.smem_addr(smem, 0)
         rows_f32 = cuda.shared.array(0, F32)[OFF_ROWS // 2:OFF_ROWS // 2 + 2 * RSTAGE]
 
-        dk_acc = cuda.local.array((DT, 4), np.float32)
-        dv_acc = cuda.local.array((DT, 4), np.float32)
-        pt = cuda.local.array((NQ, 4), np.float32)
-        frag = cuda.local.array((KQ, 4), np.uint32)
-        dq = cuda.local.array((DTP, 4), np.float32)
+        dk_acc = cuda.local.array((KA1, KN, 4), np.float32)
+        dv_acc = cuda.local.array((KA1, KN, 4), np.float32)
+        s = cuda.local.array((SA1, SN, 4), np.float32)
+        dp = cuda.local.array((SA1, SN, 4), np.float32)
+        lse = cuda.local.array((SA1, 2), np.float32)
+        delta = cuda.local.array((SA1, 2), np.float32)
+        dq = cuda.local.array((QA1, QN, 4), np.float32)
         for n_block in range(split, stop, step):
             n0 = n_block * BN
-            cuda.syncthreads()         # the previous key tile's K, V and dS^T are free
-            zero_steps(dk_acc)
-            zero_steps(dv_acc)
+            cuda.syncthreads()         # the previous key tile's K, V, P and dS are free
+            zero_kv(dk_acc)
+            zero_kv(dv_acc)
 
             # ---- Prologue: K_j, V_j stay; the first query tile into stage 0
             m_start, m_end = query_tile_range(n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
@@ -457,7 +468,7 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
                 qs = stage * (2 * QSTAGE)      # bytes
                 rs = stage * RSTAGE
                 ops.cp_async_wait(0)
-                cuda.syncthreads()         # tile it has landed; tile it-1's stage is free
+                cuda.syncthreads()         # tile it has landed; tile it-1's stage, P, dS are free
                 h_next = h
                 m_next = m_block + 1
                 if m_next == m_end:
@@ -468,29 +479,33 @@ def build_backward_mma(cfg: MmaConfig, dtype_name: str, causal: bool,
                                       m_next * BM, seqlen_q, head_dim, tid)
                     ops.cp_async_commit()
 
-                # pt holds S^T, then P^T in float32; frag the 16-bit A-fragments of
-                # P^T, then of dS^T.
-                zero_acc(pt)
-                st_product(pt, 0, K_AT, Q_AT + qs, smem_base, warp, lane)  # S^T = K Q^T
+                # S = Q K^T, P = exp2(S c - lse log2 e), into shared memory as 16 bits
+                zero_s(s)
+                sdp_product(s, Q_AT + qs + s_a_lane, K_AT + s_b_lane, smem_base)
                 if tile_needs_mask(m_block, n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL):
-                    mask_scores_d(pt, n0, m0, seqlen_q, seqlen_k, warp, lane)
-                probabilities_d(pt, rows_f32, rs, scale_log2, lane)
-                pack_steps(frag, pt)
-                grad_steps(dv_acc, frag, DO_AT + qs, smem_base, lane)  # dV += P^T dO
-                ds_steps(frag, pt, rows_f32, rs, qs, scale, smem_base, warp, lane)  # dS^T
-                grad_steps(dk_acc, frag, Q_AT + qs, smem_base, lane)   # dK += dS^T Q
-                store_ds_steps(frag, smem_base, warp, lane)
-                cuda.syncthreads()         # dS^T is visible
+                    mask_scores_d(s, n0, m0, seqlen_q, seqlen_k, s1, s2, lane)
+                load_rows(lse, rows_f32, rs, s1, lane)
+                exp_steps(s, lse, scale_log2)
+                store_tile(s, P_AT + st_at, smem_base)
+                # dP = dO V^T, dS = P (dP scale - scale Delta), into shared memory
+                zero_s(dp)
+                sdp_product(dp, DO_AT + qs + s_a_lane, V_AT + s_b_lane, smem_base)
+                load_rows(delta, rows_f32, rs + BM, s1, lane)
+                ds_steps(dp, s, delta, scale)
+                store_tile(dp, DS_AT + st_at, smem_base)
+                cuda.syncthreads()         # P and dS are visible
 
-                # dQ_i += dS K_j: each unit sums all BN keys for its 16 rows and columns.
-                for unit in range(warp, DQ_UNITS, NW):
-                    dq_passes(unit % DQ_PASSES, dq, dq_accum, smem_base, dq_b, h, m0,
-                              seqlen_q, unit // DQ_PASSES, lane)
+                kv_product(dv_acc, P_AT + kv_a_lane, DO_AT + qs + kv_b_lane, smem_base)
+                kv_product(dk_acc, DS_AT + kv_a_lane, Q_AT + qs + kv_b_lane, smem_base)
+                zero_q(dq)
+                dq_product(dq, DS_AT + q_a_lane, K_AT + q_b_lane, smem_base)
+                add_dq_d(dq, dq_accum, dq_b, h, m0, seqlen_q, q1, q2, lane)
                 h = h_next
                 m_block = m_next
 
             # ---- Epilogue: dK_j, dV_j are complete; written once
             ops.cp_async_wait(0)
-            store_gradients_d(dk, dv, dk_acc, dv_acc, b, h_kv, n0 + warp * 16 + g, seqlen_k, t)
+            store_gradient_d(dk, dk_acc, b, h_kv, n0, seqlen_k, k1, k2, lane)
+            store_gradient_d(dv, dv_acc, b, h_kv, n0, seqlen_k, k1, k2, lane)
 
     return backward_mma

@@ -41,12 +41,13 @@ def kernel(name, key, **options):
 
 
 def config_name(cfg):
-    """A short name for a tile configuration, e.g. ``128x64_d64_4w_qreg``."""
+    """A short name for a tile configuration, e.g. ``128x64_d64_4w_qreg`` (a forward's)
+    or ``64x128_d128_8w_242`` (a backward's)."""
     parts = [f"{cfg.block_m}x{cfg.block_n}", f"d{cfg.head_dim}"]
-    if hasattr(cfg, "warps"):
+    if hasattr(cfg, "sdp_warps_m"):      # the backward's warp grids, by first axes
+        parts.append(f"{cfg.warps}w_{cfg.sdp_warps_m}{cfg.dkv_warps_n}{cfg.dq_warps_m}")
+    elif hasattr(cfg, "warps"):
         parts.append(f"{cfg.warps}w" + ("_qreg" if cfg.q_in_registers else ""))
-        if getattr(cfg, "dq_passes", 0):
-            parts.append(f"dq{cfg.dq_passes}")
     else:
         parts.append(f"{cfg.threads}t{cfg.thread_cols}c")
     return "_".join(parts)

@@ -1,0 +1,167 @@
+"""``python -m benchmarks backward``: the backward pass alone, per kernel configuration.
+
+Times ``nbflash.attention_backward`` (its pre-pass, main kernel and dQ conversion)
+with the tile configuration of ``config.BACKWARD_MMA_TILES`` and with the
+alternatives in ``CANDIDATES`` (or given with ``--configs``), beside the backward of
+PyTorch's FlashAttention-2 SDPA backend (``torch.autograd.grad`` of its output), in
+one process on the same inputs: the measurement behind the table's choices.
+
+Shapes as in ``speed`` (batch x seqlen = 16384 tokens, hidden 2048). Each
+configuration's gradients are checked against attention in float32 on one batch
+element before it is timed. TFLOP/s counts the backward's five products, 2.5 times
+the forward's 4 b h s^2 d (halved when causal).
+"""
+import argparse
+import contextlib
+
+from . import common, timing
+from .peers import Problem, TorchPeer, random_inputs, to_float32, torch_available
+from .speed import HIDDEN, TOKENS, TOLERANCE, problem_flops
+
+#: Alternatives to the table's configuration per head-dim bucket, as
+#: (block_m, block_n, warps, sdp_warps_m, dkv_warps_n, dq_warps_m).
+CANDIDATES = {
+    64: [(128, 128, 8, 2, 4, 4), (64, 64, 4, 2, 2, 2)],
+    128: [(64, 64, 4, 2, 2, 2), (64, 128, 8, 2, 2, 2)],
+}
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks backward",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--causal", nargs="+", choices=["false", "true"], default=["false", "true"])
+    ap.add_argument("--configs", nargs="*", default=None, metavar="BM,BN,W,S,KV,Q",
+                    help="alternatives for every head dim (default: CANDIDATES)")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--budget", type=float, default=1.0, help="seconds per point and peer")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    return ap.parse_args(argv)
+
+
+def configurations(headdim, specs):
+    """(label, BackwardMmaConfig) for the table's choice and the alternatives."""
+    from nbflash import config
+    bucket = config.head_dim_bucket(headdim)
+    table = config.BACKWARD_MMA_TILES[bucket]
+    out = [("table", table)]
+    for spec in specs if specs is not None else CANDIDATES.get(bucket, []):
+        bm, bn, w, s, kv, q = (int(x) for x in spec.split(",")) if isinstance(spec, str) else spec
+        cfg = config.BackwardMmaConfig(bm, bn, bucket, w, s, kv, q)
+        if cfg != table:
+            out.append((f"{bm}x{bn}x{w}w_{s}{kv}{q}", cfg))
+    return out
+
+
+@contextlib.contextmanager
+def selected(cfg):
+    """attention_backward runs ``cfg`` for its head-dim bucket while inside."""
+    from nbflash import config
+    saved = config.BACKWARD_MMA_TILES[cfg.head_dim]
+    config.BACKWARD_MMA_TILES[cfg.head_dim] = cfg
+    try:
+        yield
+    finally:
+        config.BACKWARD_MMA_TILES[cfg.head_dim] = saved
+
+
+def reference_grads(q, k, v, dout, causal):
+    """float32 gradients of one batch element through the naive CuPy backward."""
+    import cupy
+    from .peers import naive_forward_backward
+    one = [to_float32(x[:1]) for x in (q, k, v, dout)]
+    return naive_forward_backward(cupy, *one, causal)[1:]
+
+
+def check(grads, ref, dtype):
+    """Largest relative error of dq, dk, dv on batch element 0 against ``ref``."""
+    worst = 0.0
+    for got, want in zip(grads, ref):
+        g = to_float32(got[:1])
+        worst = max(worst, float(abs(g - want).max() / abs(want).max()))
+    return worst, worst <= TOLERANCE[dtype]
+
+
+def sweep(args):
+    import nbflash
+    rows = []
+    for headdim in args.headdims:
+        for seqlen in args.seqlens:
+            for causal in (c == "true" for c in args.causal):
+                p = Problem(TOKENS // seqlen, seqlen, HIDDEN // headdim, headdim, args.dtype,
+                            causal)
+                flops = problem_flops(p, "bwd")
+                sets = [random_inputs(p, seed) for seed in range(
+                    timing.input_sets_needed(4 * p.batch * p.seqlen * p.nheads * headdim * 2,
+                                             50 * 2**20, most=4))]
+                with_out = []
+                for q, k, v, dout in sets:
+                    out, lse = nbflash.attention(q, k, v, causal=causal, return_lse=True)
+                    with_out.append((q, k, v, dout, out, lse))
+                ref = reference_grads(*sets[0], causal)
+                base = dict(headdim=headdim, seqlen=seqlen, causal=causal, dtype=args.dtype)
+
+                def run(q, k, v, dout, out, lse):
+                    return nbflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
+
+                for label, cfg in configurations(headdim, args.configs):
+                    with selected(cfg):
+                        try:
+                            err, ok = check(run(*with_out[0]), ref, args.dtype)
+                            t = (timing.time_calls(run, with_out, args.repeats, args.budget)
+                                 if ok else None)
+                        except Exception as e:          # a candidate that cannot run
+                            rows.append({**base, "peer": label, "config": repr(cfg),
+                                         "error": f"{type(e).__name__}: {e}"[:300]})
+                            continue
+                    rows.append({**base, "peer": label, "config": repr(cfg), "rel_error": err,
+                                 "ok": ok, "ms": t and t.median_ms,
+                                 "tflops": t and flops / t.median_ms / 1e9})
+                if torch_available():
+                    peer = TorchPeer(p, "torch-flash")
+                    with peer.context():
+                        prepared = [peer.prepare(q, k, v, dout, True) for q, k, v, dout in sets]
+                        outs = [(peer.forward(*x), x) for x in prepared]
+
+                        def torch_run(out, x):
+                            return peer.torch.autograd.grad(out, x[:3], x[3].transpose(1, 2),
+                                                            retain_graph=True)
+
+                        t = timing.time_calls(torch_run, outs, args.repeats, args.budget)
+                    rows.append({**base, "peer": "torch-flash", "ms": t.median_ms,
+                                 "tflops": flops / t.median_ms / 1e9})
+                del sets, with_out
+                common.free_gpu_memory()
+    return rows
+
+
+def table(rows):
+    """Markdown: TFLOP/s per configuration and point, with the ratio to torch flash."""
+    points = sorted({(r["headdim"], r["causal"], r["seqlen"]) for r in rows})
+    torch_ms = {(r["headdim"], r["causal"], r["seqlen"]): r["ms"]
+                for r in rows if r["peer"] == "torch-flash"}
+    out = []
+    for r in rows:
+        key = (r["headdim"], r["causal"], r["seqlen"])
+        if r.get("ms"):
+            ratio = torch_ms[key] / r["ms"] if key in torch_ms else float("nan")
+            cell = f"{r['tflops']:.0f} ({ratio:.2f}x)"
+        else:
+            cell = r.get("error") or f"wrong: {r.get('rel_error')}"
+        out.append([f"d{key[0]}", "causal" if key[1] else "full", str(key[2]), r["peer"], cell])
+    assert points or not rows
+    return common.markdown_table(["head dim", "mask", "seqlen", "peer", "TFLOP/s (vs torch)"],
+                                 out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if common.exit_without_gpu("backward"):
+        return 0
+    rows = sweep(args)
+    print(table(rows))
+    if args.json:
+        print(f"wrote {common.write_json(args.json, {'config': vars(args), 'rows': rows})}")
+    return 0
