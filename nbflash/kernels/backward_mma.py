@@ -495,11 +495,14 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
                 store_tile(dp, DS_AT + st_at, smem_base)
                 cuda.syncthreads()         # P and dS are visible
 
+                # dQ between dV and dK, as FlashAttention-2 orders them: its reductions
+                # drain while dK's products run, not while the block waits at the
+                # next barrier.
                 kv_product(dv_acc, P_AT + kv_a_lane, DO_AT + qs + kv_b_lane, smem_base)
-                kv_product(dk_acc, DS_AT + kv_a_lane, Q_AT + qs + kv_b_lane, smem_base)
                 zero_q(dq)
                 dq_product(dq, DS_AT + q_a_lane, K_AT + q_b_lane, smem_base)
                 add_dq_d(dq, dq_accum, dq_b, h, m0, seqlen_q, q1, q2, lane)
+                kv_product(dk_acc, DS_AT + kv_a_lane, Q_AT + qs + kv_b_lane, smem_base)
                 h = h_next
                 m_block = m_next
 
