@@ -1,10 +1,11 @@
 """``python -m benchmarks backward``: the backward pass alone, per kernel configuration.
 
 Times ``nbflash.attention_backward`` (its pre-pass, main kernel and dQ conversion)
-with the tile configuration of ``config.BACKWARD_MMA_TILES`` and with the
-alternatives in ``CANDIDATES`` (or given with ``--configs``), beside the backward of
-PyTorch's FlashAttention-2 SDPA backend (``torch.autograd.grad`` of its output), in
-one process on the same inputs: the measurement behind the table's choices.
+with each tensor-core backward: the strips kernel's tiles (``config.BACKWARD_MMA_TILES``),
+the grids kernel's (``config.BACKWARD_MMA_GRIDS``) and the grids alternatives in
+``CANDIDATES`` (or given with ``--configs``), beside the backward of PyTorch's
+FlashAttention-2 SDPA backend (``torch.autograd.grad`` of its output), in one
+process on the same inputs: the measurement behind the tables' choices.
 
 Shapes as in ``speed`` (batch x seqlen = 16384 tokens, hidden 2048). Each
 configuration's gradients are checked against attention in float32 on one batch
@@ -18,8 +19,10 @@ from . import common, timing
 from .peers import Problem, TorchPeer, random_inputs, to_float32, torch_available
 from .speed import HIDDEN, TOKENS, TOLERANCE, problem_flops
 
-#: Alternatives to the table's configuration per head-dim bucket, as
-#: (block_m, block_n, warps, sdp_warps_m, dkv_warps_n, dq_warps_m).
+#: Alternatives to the grids table's configuration per head-dim bucket, as
+#: (block_m, block_n, warps, sdp_warps_m, dkv_warps_n, dq_warps_m). Offline (sm_90,
+#: nvJitLink): d64 128x128 255 registers and no spill; d128 64x64x4w 112-128 bytes of
+#: spills, 64x128 with grids 2/2/2 128-152.
 CANDIDATES = {
     64: [(128, 128, 8, 2, 4, 4), (64, 64, 4, 2, 2, 2)],
     128: [(64, 64, 4, 2, 2, 2), (64, 128, 8, 2, 2, 2)],
@@ -42,29 +45,32 @@ def parse_args(argv):
 
 
 def configurations(headdim, specs):
-    """(label, BackwardMmaConfig) for the table's choice and the alternatives."""
+    """(label, configuration) for the strips and grids tables' choices and the grids
+    alternatives."""
     from nbflash import config
     bucket = config.head_dim_bucket(headdim)
-    table = config.BACKWARD_MMA_TILES[bucket]
-    out = [("table", table)]
+    grids = config.BACKWARD_MMA_GRIDS[bucket]
+    out = [("strips", config.BACKWARD_MMA_TILES[bucket]), ("grids", grids)]
     for spec in specs if specs is not None else CANDIDATES.get(bucket, []):
         bm, bn, w, s, kv, q = (int(x) for x in spec.split(",")) if isinstance(spec, str) else spec
         cfg = config.BackwardMmaConfig(bm, bn, bucket, w, s, kv, q)
-        if cfg != table:
-            out.append((f"{bm}x{bn}x{w}w_{s}{kv}{q}", cfg))
+        if cfg != grids:
+            out.append((f"grids {bm}x{bn}x{w}w_{s}{kv}{q}", cfg))
     return out
 
 
 @contextlib.contextmanager
 def selected(cfg):
-    """attention_backward runs ``cfg`` for its head-dim bucket while inside."""
+    """attention_backward runs ``cfg`` (a strips or a grids configuration, see
+    ``interface.BACKWARD_MMA_BUILDERS``) for its head-dim bucket while inside."""
     from nbflash import config
-    saved = config.BACKWARD_MMA_TILES[cfg.head_dim]
+    saved = config.BACKWARD_KERNEL, config.BACKWARD_MMA_TILES[cfg.head_dim]
+    config.BACKWARD_KERNEL = "strips"
     config.BACKWARD_MMA_TILES[cfg.head_dim] = cfg
     try:
         yield
     finally:
-        config.BACKWARD_MMA_TILES[cfg.head_dim] = saved
+        config.BACKWARD_KERNEL, config.BACKWARD_MMA_TILES[cfg.head_dim] = saved
 
 
 def reference_grads(q, k, v, dout, causal):
@@ -139,7 +145,6 @@ def sweep(args):
 
 def table(rows):
     """Markdown: TFLOP/s per configuration and point, with the ratio to torch flash."""
-    points = sorted({(r["headdim"], r["causal"], r["seqlen"]) for r in rows})
     torch_ms = {(r["headdim"], r["causal"], r["seqlen"]): r["ms"]
                 for r in rows if r["peer"] == "torch-flash"}
     out = []
@@ -151,7 +156,6 @@ def table(rows):
         else:
             cell = r.get("error") or f"wrong: {r.get('rel_error')}"
         out.append([f"d{key[0]}", "causal" if key[1] else "full", str(key[2]), r["peer"], cell])
-    assert points or not rows
     return common.markdown_table(["head dim", "mask", "seqlen", "peer", "TFLOP/s (vs torch)"],
                                  out)
 

@@ -119,16 +119,32 @@ UNEVEN_CHUNKS_CASE = Case(batch=1, seqlen_q=33, seqlen_k=35, nheads_k=1, group=1
 def test_head_dim_96_uneven_chunk_copies(poison, monkeypatch, dtype_name):
     if SIMULATOR:
         monkeypatch.setitem(config.SIMULATOR_MMA_TILE, 96, config.MmaConfig(32, 32, 96, 2))
-        monkeypatch.setitem(config.SIMULATOR_BACKWARD_MMA_TILE, 96,
-                            config.BackwardMmaConfig(32, 32, 96, 2, 1, 2, 1))
     assert config.head_dim_bucket(UNEVEN_CHUNKS_CASE.head_dim) == 96
     _check_forward(dtype_name, UNEVEN_CHUNKS_CASE)
     _check_backward(dtype_name, UNEVEN_CHUNKS_CASE)
 
 
-#: The backward's warp grids (config.BackwardMmaConfig) under the simulator, whose
-#: default tile has one warp: each product split over several warps, several 16 x 16
-#: blocks per warp, interleaved along both axes, partial and causal tiles, GQA.
+MMA_DTYPE_NAMES = list(config.MMA_DTYPES)
+
+
+@pytest.fixture
+def grids(monkeypatch):
+    """The tensor-core backward in warp grids (kernels/backward_mma.py), which
+    ``NBFLASH_BACKWARD_KERNEL=grids`` selects for a whole run."""
+    monkeypatch.setattr(config, "BACKWARD_KERNEL", "grids")
+
+
+@pytest.mark.parametrize("head_dims", HEAD_DIMS, ids=str)
+@pytest.mark.parametrize("dtype_name", MMA_DTYPE_NAMES)
+@EXAMPLES
+@given(data=st.data())
+def test_backward_grids(poison, grids, dtype_name, head_dims, data):
+    _check_backward(dtype_name, data.draw(cases(SIMULATOR, head_dims), label="case"))
+
+
+#: The grids backward under the simulator, whose default tile has one warp: each
+#: product split over several warps, several 16 x 16 blocks per warp, interleaved
+#: along both axes, partial and causal tiles, GQA, and head dim 96's uneven copies.
 WARP_GRID_CASES = [
     (config.BackwardMmaConfig(32, 32, 32, 4, 2, 2, 2),
      Case(batch=1, seqlen_q=37, seqlen_k=45, nheads_k=1, group=2, head_dim=20, causal=True,
@@ -139,13 +155,15 @@ WARP_GRID_CASES = [
     (config.BackwardMmaConfig(64, 32, 64, 2, 2, 1, 1),
      Case(batch=1, seqlen_q=50, seqlen_k=70, nheads_k=2, group=1, head_dim=40, causal=True,
           softmax_scale=None, layout="padded", input_scale=1.0, seed=13)),
+    (config.BackwardMmaConfig(32, 32, 96, 2, 1, 2, 1), UNEVEN_CHUNKS_CASE),
 ]
 
 
-@pytest.mark.skipif(not SIMULATOR, reason="the GPU runs the selected grids in test_backward")
-@pytest.mark.parametrize("cfg,case", WARP_GRID_CASES, ids=["2x2", "1x4", "2x1-interleaved"])
-def test_backward_warp_grids(poison, monkeypatch, cfg, case):
-    monkeypatch.setitem(config.SIMULATOR_BACKWARD_MMA_TILE, cfg.head_dim, cfg)
+@pytest.mark.skipif(not SIMULATOR, reason="the GPU runs the selected grids in test_backward_grids")
+@pytest.mark.parametrize("cfg,case", WARP_GRID_CASES,
+                         ids=["2x2", "1x4", "2x1-interleaved", "d96-uneven-chunks"])
+def test_backward_warp_grids(poison, grids, monkeypatch, cfg, case):
+    monkeypatch.setitem(config.SIMULATOR_BACKWARD_MMA_GRIDS, cfg.head_dim, cfg)
     assert config.select_backward_mma(case.head_dim, True) == cfg
     _check_backward("float16", case)
 
@@ -160,6 +178,13 @@ REGRESSIONS = [_regression(1, 1, 2, 96), _regression(16, 1, 1, 17),
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
 def test_backward_regressions(poison, dtype_name, case):
     _check_backward(dtype_name, case)
+
+
+@pytest.mark.parametrize("case", REGRESSIONS + [None], ids=["sk1-gqa-d96", "sq16-sk1-d17",
+                                                            "sk1-d33-scale1", "p-rounding"])
+@pytest.mark.parametrize("dtype_name", MMA_DTYPE_NAMES)
+def test_backward_grids_regressions(poison, grids, dtype_name, case):
+    _check_backward(dtype_name, case or P_ROUNDING_CASE)
 
 
 #: One query, 148 keys, head dim 1 (found by the gpu-long run on the H100, 2026-11-24):

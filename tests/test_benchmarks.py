@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import reference
-from benchmarks import common, hbm, speed, timing
+from benchmarks import backward, common, hbm, speed, timing
 from benchmarks.animate import build, forward_steps, render
-from nbflash import config, io_model
+from nbflash import config, interface, io_model
 from reference.tiled import key_tile_range as reference_key_tile_range
 
 REPO = Path(__file__).resolve().parent.parent
@@ -263,7 +263,7 @@ def _run(*args):
 
 
 @pytest.mark.skipif(common.gpu_unavailable() is None, reason="a GPU is present: would run")
-@pytest.mark.parametrize("command", ["speed", "memory", "resources"])
+@pytest.mark.parametrize("command", ["speed", "backward", "memory", "resources"])
 def test_gpu_commands_exit_with_one_line_without_gpu(command):
     proc = _run(command)
     assert proc.returncode == 0, proc.stderr
@@ -290,3 +290,18 @@ def test_driver_swaps_nbflash_tile_sizes_and_restores_them():
         assert (inside.block_m, inside.block_n) == (32, 16)
         assert config.select_forward("float32", 64, False).block_n == 16
     assert io_model.forward_config("float16", 128) == before
+
+
+def test_backward_benchmark_selects_each_kernel_and_restores_the_table():
+    labels = [label for label, _ in backward.configurations(128, None)]
+    assert labels[:2] == ["strips", "grids"] and len(labels) == 2 + len(backward.CANDIDATES[128])
+    before = config.select_backward_mma(100)
+    for label, cfg in backward.configurations(100, ["64,64,4,2,2,2"]):
+        with backward.selected(cfg):
+            assert config.select_backward_mma(100) == cfg
+            assert type(cfg) in interface.BACKWARD_MMA_BUILDERS
+    assert config.select_backward_mma(100) == before
+    rows = [dict(headdim=128, seqlen=4096, causal=False, peer="grids", ms=2.0, tflops=100.0),
+            dict(headdim=128, seqlen=4096, causal=False, peer="torch-flash", ms=1.0,
+                 tflops=200.0)]
+    assert "| d128 | full | 4096 | grids | 100 (0.50x) |" in backward.table(rows)

@@ -1,4 +1,7 @@
-"""FlashAttention backward pass on tensor cores (float16 and bfloat16).
+"""FlashAttention backward pass on tensor cores (float16 and bfloat16), in warp grids.
+
+Selected with ``NBFLASH_BACKWARD_KERNEL=grids`` (``config.BACKWARD_KERNEL``) until it
+has been run on a GPU; the default is still ``backward_mma_strips.py``.
 
 The algorithm of ``backward.py`` (and ``reference/tiled.py::flash_backward``) in the
 FlashAttention-2 arrangement. One thread block per (key tile, kv head, batch) keeps
@@ -21,7 +24,8 @@ with c = softmax_scale * log2(e). Each product has its own warp grid
 mma. The earlier arrangement gave every warp 16 keys and all the queries, which
 kept P^T in registers but made every warp load all of Q and dO for each of four
 products: 184 ldmatrix x4 per warp and query tile at head dim 128, against 144
-here (plus the stores of P and dS).
+here (plus the stores of P and dS); its main loop compiles to 1230 SASS
+instructions against 1541 (ptxas 13.0, sm_90, head dim 128).
 
 Warp (w1, w2) of a W1 x W2 grid owns the blocks (w1 + W1 a, w2 + W2 b): interleaved,
 so that the swizzle's XOR never carries between a warp's origin and its steps
@@ -64,9 +68,9 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     float32 like q, or (splits * batch, ...) for the deterministic mode (grid x =
     splits, see kernels/backward.py), its head dim rounded up to a multiple of 8.
     Launch with grid ``(ceil(seqlen_k / block_n), nheads_k, batch)``, ``cfg.threads``
-    threads and ``cfg.shared_bytes`` bytes of dynamic shared memory.
+    threads and ``cfg.backward_shared_bytes`` bytes of dynamic shared memory.
     """
-    cfg.check()
+    cfg.check_backward()
     BM, BN, D, NT = cfg.block_m, cfg.block_n, cfg.head_dim, cfg.threads
     KD = D // 16                     # k-steps over the head dim (S, dP)
     KQ = BM // 16                    # k-steps over the queries (dV, dK)
@@ -101,7 +105,7 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     OFF_P = OFF_Q + 2 * QSTAGE
     OFF_DS = OFF_P + BM * PROW
     OFF_ROWS = OFF_DS + BM * PROW
-    assert OFF_ROWS * 2 + 2 * RSTAGE * 4 == cfg.shared_bytes
+    assert OFF_ROWS * 2 + 2 * RSTAGE * 4 == cfg.backward_shared_bytes
     ROW_CHUNKS = BM // 4              # 16-byte chunks of one statistic's rows
     assert 2 * ROW_CHUNKS <= NT, cfg
 
@@ -156,10 +160,10 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
                   [16 * kk for kk in range(KK) for a in range(QA1)], range(QW1), [0])
     q_b = operand(D, [16 * kk for kk in range(KK) for b in range(QA2)],
                   [16 * QW2 * b for kk in range(KK) for b in range(QA2)], [0], range(QW2))
-    # P and dS stores: this thread's pair (row g + 8 rh, columns 2t, 2t + 1) of n-tile
-    # 2 b + half of block (a, b), numbered ((a * A2 + b) * 2 + half) * 2 + rh.
     s_a_lane_at, s_b_lane_at, kv_a_lane_at, kv_b_lane_at, q_a_lane_at, q_b_lane_at = (
         x[0] for x in (s_a, s_b, kv_a, kv_b, q_a, q_b))
+    # P and dS stores: this thread's pair (row g + 8 rh, columns 2t, 2t + 1) of n-tile
+    # 2 b + half of block (a, b), numbered ((a * A2 + b) * 2 + half) * 2 + rh.
     st_lane, ST_HI, ST_LO = make_steps(
         BN, [16 * w + g for w in range(SW1) for g in range(8)],
         [16 * w + 2 * t for w in range(SW2) for t in range(4)],
@@ -280,12 +284,16 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
         for r in range(4):
             s[a, n, r] = ops.ex2(cuda.fma(s[a, n, r], scale_log2, -lse[a, r >> 1]))
 
+    exp_steps = static_loop(SA1 * SN, device(exp_step))
+
     def ds_step(an, dp, p, delta, scale):
         """dP -> dS = P (dP scale - scale Delta)."""
         a = an // SN
         n = an % SN
         for r in range(4):
             dp[a, n, r] = p[a, n, r] * cuda.fma(dp[a, n, r], scale, -delta[a, r >> 1])
+
+    ds_steps = static_loop(SA1 * SN, device(ds_step))
 
     def store_step(ab, x, at, smem_base):
         """Block (a, b) of x, rounded to 16 bits, into a P-shaped tile."""
@@ -299,9 +307,6 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
                                   pack(x[a, n, 2 * rh], x[a, n, 2 * rh + 1]))
 
     store_tile = static_loop(SA1 * SA2, device(store_step))
-
-    exp_steps = static_loop(SA1 * SN, device(exp_step))
-    ds_steps = static_loop(SA1 * SN, device(ds_step))
 
     def red_step(ab, dq, base, row8, rows_left, cols_left, checked):
         """dq's block (a, b) added into the accumulator, two columns per reduction."""
@@ -392,7 +397,7 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     mask_scores_d = device(mask_scores)
     U16 = from_dtype(np.uint16)
 
-    @kernel(f"backward_mma_{dtype_name}_{config_name(cfg)}_"
+    @kernel(f"backward_grids_{dtype_name}_{config_name(cfg)}_"
             f"{'causal' if causal else 'full'}" + ("_deterministic" if deterministic else ""),
             (cfg, dtype_name, causal, deterministic), lineinfo=True)
     def backward_mma(q, k, v, dout, stats, dq_accum, dk, dv, scale, scale_log2):
