@@ -55,8 +55,8 @@ def test_tensor_core_instructions(report, kind, bucket):
 #: (dS is formed from it). With dQ added as column pairs (red.global.add.v2.f32)
 #: ptxas spills 76 bytes at d64, 444-632 at d128 and about 2.9 KB at d256; those
 #: kernels measured faster than the spill-free ones with scalar atomics
-#: (benchmarks/NOTES.md). The grids backward spills 128-216 bytes at d128 and about
-#: 96 at d256, none at d64. The d128 forward's 128x64 tiles spill 112 bytes; the
+#: (benchmarks/NOTES.md). The grids backward spills 140-216 bytes at d128 and about
+#: 100 at d256, none at d64. The d128 forward's 128x64 tiles spill 112 bytes; the
 #: spill-free 128x32 tiles measured 10% slower (config.FORWARD_MMA_TILES).
 KNOWN_SPILLS = {"forward_mma float16 d128 full", "forward_mma float16 d128 causal",
                 "backward_mma float16 d64 full",
