@@ -8,16 +8,16 @@ FlashAttention-2 SDPA backend (``torch.autograd.grad`` of its output), in one
 process on the same inputs: the measurement behind the tables' choices.
 
 Shapes as in ``speed`` (batch x seqlen = 16384 tokens, hidden 2048). Each
-configuration's gradients are checked against attention in float32 on one batch
-element before it is timed. TFLOP/s counts the backward's five products, 2.5 times
+configuration's outputs are checked as ``speed`` checks them (``speed.check_nbflash``)
+before it is timed. TFLOP/s counts the backward's five products, 2.5 times
 the forward's 4 b h s^2 d (halved when causal).
 """
 import argparse
 import contextlib
 
 from . import common, timing
-from .peers import Problem, TorchPeer, random_inputs, to_float32, torch_available
-from .speed import HIDDEN, TOKENS, TOLERANCE, problem_flops
+from .peers import Problem, TorchPeer, torch_available
+from .speed import HIDDEN, TOKENS, _reason, check_nbflash, input_sets, problem_flops
 
 #: Alternatives to the grids table's configuration per head-dim bucket, as
 #: (block_m, block_n, warps, sdp_warps_m, dkv_warps_n, dq_warps_m). Offline (sm_90,
@@ -73,23 +73,6 @@ def selected(cfg):
         config.BACKWARD_KERNEL, config.BACKWARD_MMA_TILES[cfg.head_dim] = saved
 
 
-def reference_grads(q, k, v, dout, causal):
-    """float32 gradients of one batch element through the naive CuPy backward."""
-    import cupy
-    from .peers import naive_forward_backward
-    one = [to_float32(x[:1]) for x in (q, k, v, dout)]
-    return naive_forward_backward(cupy, *one, causal)[1:]
-
-
-def check(grads, ref, dtype):
-    """Largest relative error of dq, dk, dv on batch element 0 against ``ref``."""
-    worst = 0.0
-    for got, want in zip(grads, ref):
-        g = to_float32(got[:1])
-        worst = max(worst, float(abs(g - want).max() / abs(want).max()))
-    return worst, worst <= TOLERANCE[dtype]
-
-
 def sweep(args):
     import nbflash
     rows = []
@@ -99,14 +82,11 @@ def sweep(args):
                 p = Problem(TOKENS // seqlen, seqlen, HIDDEN // headdim, headdim, args.dtype,
                             causal)
                 flops = problem_flops(p, "bwd")
-                sets = [random_inputs(p, seed) for seed in range(
-                    timing.input_sets_needed(4 * p.batch * p.seqlen * p.nheads * headdim * 2,
-                                             50 * 2**20, most=4))]
+                sets = input_sets(p)
                 with_out = []
                 for q, k, v, dout in sets:
                     out, lse = nbflash.attention(q, k, v, causal=causal, return_lse=True)
                     with_out.append((q, k, v, dout, out, lse))
-                ref = reference_grads(*sets[0], causal)
                 base = dict(headdim=headdim, seqlen=seqlen, causal=causal, dtype=args.dtype)
 
                 def run(q, k, v, dout, out, lse):
@@ -115,15 +95,15 @@ def sweep(args):
                 for label, cfg in configurations(headdim, args.configs):
                     with selected(cfg):
                         try:
-                            err, ok = check(run(*with_out[0]), ref, args.dtype)
+                            ok, errors = check_nbflash(p, *sets[0], ["fwd_bwd"])
                             t = (timing.time_calls(run, with_out, args.repeats, args.budget)
                                  if ok else None)
                         except Exception as e:          # a candidate that cannot run
                             rows.append({**base, "peer": label, "config": repr(cfg),
-                                         "error": f"{type(e).__name__}: {e}"[:300]})
+                                         "error": _reason(e)})
                             continue
-                    rows.append({**base, "peer": label, "config": repr(cfg), "rel_error": err,
-                                 "ok": ok, "ms": t and t.median_ms,
+                    rows.append({**base, "peer": label, "config": repr(cfg), "ok": ok,
+                                 "relative_error": errors, "ms": t and t.median_ms,
                                  "tflops": t and flops / t.median_ms / 1e9})
                 if torch_available():
                     peer = TorchPeer(p, "torch-flash")
@@ -154,7 +134,7 @@ def table(rows):
             ratio = torch_ms[key] / r["ms"] if key in torch_ms else float("nan")
             cell = f"{r['tflops']:.0f} ({ratio:.2f}x)"
         else:
-            cell = r.get("error") or f"wrong: {r.get('rel_error')}"
+            cell = r.get("error") or f"wrong: {r.get('relative_error')}"
         out.append([f"d{key[0]}", "causal" if key[1] else "full", str(key[2]), r["peer"], cell])
     return common.markdown_table(["head dim", "mask", "seqlen", "peer", "TFLOP/s (vs torch)"],
                                  out)

@@ -10,20 +10,7 @@ set -u
 cd "$(dirname "$0")/.."
 export NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-failed=()
-
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2
-  shift 2
-  echo
-  echo "== $name (at ${SECONDS}s, limit ${limit}s)"
-  timeout "$limit" "$@"
-  local rc=$?
-  if [ $rc -ne 0 ]; then
-    echo "!! $name: exit $rc"
-    failed+=("$name")
-  fi
-}
+. benchmarks/steps.sh        # step NAME SECONDS COMMAND..., and the array failed
 
 main() {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv

@@ -13,20 +13,7 @@ export NBFLASH_BACKWARD_KERNEL=grids OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 export NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-failed=()
-
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2
-  shift 2
-  echo
-  echo "== $name (at ${SECONDS}s, limit ${limit}s)"
-  timeout "$limit" "$@"
-  local rc=$?
-  if [ $rc -ne 0 ]; then
-    echo "!! $name: exit $rc"
-    failed+=("$name")
-  fi
-}
+. benchmarks/steps.sh        # step NAME SECONDS COMMAND..., and the array failed
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 step "precompile (grids, deterministic too)" 140 \

@@ -131,6 +131,7 @@ class MmaConfig:
     #: The strips backward's dQ columns in this many passes (0: the kernel's default,
     #: see kernels/backward_mma_strips.py).
     dq_passes: int = 0
+
     @property
     def threads(self):
         return 32 * self.warps
@@ -170,7 +171,6 @@ class MmaConfig:
             raise ValueError(f"the backward needs block_n = 16 * warps and block_m a "
                              f"multiple of 16 in {self}")
         _check_copies_and_shared(self, self.backward_shared_bytes)
-
 
 
 def _check_copies_and_shared(cfg, shared_bytes):
