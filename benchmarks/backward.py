@@ -14,6 +14,10 @@ the forward's 4 b h s^2 d (halved when causal).
 """
 import argparse
 import contextlib
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 from . import common, timing
 from .peers import Problem, TorchPeer, torch_available
@@ -41,6 +45,9 @@ def parse_args(argv):
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--budget", type=float, default=1.0, help="seconds per point and peer")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                    help="processes compiling the configurations before timing (a kernel "
+                         "takes tens of seconds to compile; 0: compile on first use)")
     return ap.parse_args(argv)
 
 
@@ -73,7 +80,42 @@ def selected(cfg):
         config.BACKWARD_KERNEL, config.BACKWARD_MMA_TILES[cfg.head_dim] = saved
 
 
-def sweep(args):
+def _compile_one(job):
+    """Compiles (or loads) one configuration's backward kernels into the disk cache, in a
+    fresh process; returns ``(label, seconds)``."""
+    label, cfg, dtype_name, causal = job
+    import numpy as np
+
+    import nbflash
+    from nbflash import config, interface
+    xp = interface.xp
+    dtype = np.dtype(dtype_name) if dtype_name != "bfloat16" else np.dtype(
+        __import__("ml_dtypes").bfloat16)
+    q = xp.asarray(np.full((1, 16, 1, cfg.head_dim), 0.5, dtype))
+    lse = xp.zeros((1, 1, 16), config.ACCUMULATOR[dtype_name])
+    start = time.perf_counter()
+    with selected(cfg):
+        nbflash.attention_backward(q, q, q, q, q, lse, causal=causal)
+    if interface.ON_GPU:
+        xp.cuda.get_current_stream().synchronize()
+    return f"{label} d{cfg.head_dim} causal={causal}", time.perf_counter() - start
+
+
+def precompile(args):
+    """Every configuration of the sweep compiled in ``args.jobs`` processes, so that the
+    timed process loads them from the disk cache instead of compiling one at a time."""
+    jobs = [(label, cfg, args.dtype, c == "true") for headdim in args.headdims
+            for label, cfg in configurations(headdim, args.configs) for c in args.causal]
+    start = time.perf_counter()
+    with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=get_context("spawn")) as pool:
+        for name, seconds in pool.map(_compile_one, jobs):
+            print(f"compiled {name} in {seconds:.1f} s", flush=True)
+    print(f"{len(jobs)} configurations compiled or loaded in {time.perf_counter() - start:.1f} s",
+          flush=True)
+
+
+def sweep(args, report=lambda row: None):
+    """Rows of the sweep; ``report`` sees each row as soon as it is measured."""
     import nbflash
     rows = []
     for headdim in args.headdims:
@@ -101,10 +143,12 @@ def sweep(args):
                         except Exception as e:          # a candidate that cannot run
                             rows.append({**base, "peer": label, "config": repr(cfg),
                                          "error": _reason(e)})
+                            report(rows[-1])
                             continue
                     rows.append({**base, "peer": label, "config": repr(cfg), "ok": ok,
                                  "relative_error": errors, "ms": t and t.median_ms,
                                  "tflops": t and flops / t.median_ms / 1e9})
+                    report(rows[-1])
                 if torch_available():
                     peer = TorchPeer(p, "torch-flash")
                     with peer.context():
@@ -118,6 +162,7 @@ def sweep(args):
                         t = timing.time_calls(torch_run, outs, args.repeats, args.budget)
                     rows.append({**base, "peer": "torch-flash", "ms": t.median_ms,
                                  "tflops": flops / t.median_ms / 1e9})
+                    report(rows[-1])
                 del sets, with_out
                 common.free_gpu_memory()
     return rows
@@ -144,7 +189,16 @@ def main(argv=None):
     args = parse_args(argv)
     if common.exit_without_gpu("backward"):
         return 0
-    rows = sweep(args)
+    if args.jobs > 0:
+        precompile(args)
+
+    def report(row):
+        cell = (f"{row['ms']:.3f} ms, {row['tflops']:.0f} TFLOP/s" if row.get("ms")
+                else row.get("error") or f"wrong: {row.get('relative_error')}")
+        print(f"  d{row['headdim']} {'causal' if row['causal'] else 'full'} s{row['seqlen']} "
+              f"{row['peer']}: {cell}", flush=True)
+
+    rows = sweep(args, report)
     print(table(rows))
     if args.json:
         print(f"wrote {common.write_json(args.json, {'config': vars(args), 'rows': rows})}")
