@@ -1,9 +1,9 @@
 """``python -m benchmarks backward``: the backward pass alone, per kernel configuration.
 
 Times ``nbflash.attention_backward`` (its pre-pass, main kernel and dQ conversion)
-with each tensor-core backward: the strips kernel's tiles (``config.BACKWARD_MMA_TILES``),
-the grids kernel's (``config.BACKWARD_MMA_GRIDS``) and the grids alternatives in
-``CANDIDATES`` (or given with ``--configs``), beside the backward of PyTorch's
+with the tensor-core backward's table configuration (``config.BACKWARD_MMA_TILES``,
+labelled "table") and the alternatives in ``CANDIDATES`` (or given with
+``--configs``), beside the backward of PyTorch's
 FlashAttention-2 SDPA backend (``torch.autograd.grad`` of its output), in one
 process on the same inputs: the measurement behind the tables' choices.
 
@@ -23,12 +23,12 @@ from . import common, timing
 from .peers import Problem, TorchPeer, torch_available
 from .speed import HIDDEN, TOKENS, _reason, check_nbflash, input_sets, problem_flops
 
-#: Alternatives to the grids table's configuration per head-dim bucket, as
+#: Alternatives to the table's configuration per head-dim bucket, as
 #: (block_m, block_n, warps, sdp_warps_m, dkv_warps_n, dq_warps_m). Offline (sm_90,
-#: nvJitLink): d64 128x128 255 registers and no spill; d128 64x64x4w 112-128 bytes of
-#: spills, 64x128 with grids 2/2/2 128-152.
+#: nvJitLink): d64 64x128x8w no spill; d128 64x64x4w 112-128 bytes of spills, 64x128
+#: with grids 2/2/2 128-152.
 CANDIDATES = {
-    64: [(128, 128, 8, 2, 4, 4), (64, 64, 4, 2, 2, 2)],
+    64: [(64, 128, 8, 2, 4, 2), (64, 64, 4, 2, 2, 2)],
     128: [(64, 64, 4, 2, 2, 2), (64, 128, 8, 2, 2, 2)],
 }
 
@@ -52,32 +52,29 @@ def parse_args(argv):
 
 
 def configurations(headdim, specs):
-    """(label, configuration) for the strips and grids tables' choices and the grids
-    alternatives."""
+    """(label, configuration) for the table's choice and the alternatives."""
     from nbflash import config
     bucket = config.head_dim_bucket(headdim)
-    grids = config.BACKWARD_MMA_GRIDS[bucket]
-    out = [("strips", config.BACKWARD_MMA_TILES[bucket]), ("grids", grids)]
+    table = config.BACKWARD_MMA_TILES[bucket]
+    out = [("table", table)]
     for spec in specs if specs is not None else CANDIDATES.get(bucket, []):
         bm, bn, w, s, kv, q = (int(x) for x in spec.split(",")) if isinstance(spec, str) else spec
         cfg = config.BackwardMmaConfig(bm, bn, bucket, w, s, kv, q)
-        if cfg != grids:
-            out.append((f"grids {bm}x{bn}x{w}w_{s}{kv}{q}", cfg))
+        if cfg != table:
+            out.append((f"{bm}x{bn}x{w}w_{s}{kv}{q}", cfg))
     return out
 
 
 @contextlib.contextmanager
 def selected(cfg):
-    """attention_backward runs ``cfg`` (a strips or a grids configuration, see
-    ``interface.BACKWARD_MMA_BUILDERS``) for its head-dim bucket while inside."""
+    """attention_backward runs ``cfg`` for its head-dim bucket while inside."""
     from nbflash import config
-    saved = config.BACKWARD_KERNEL, config.BACKWARD_MMA_TILES[cfg.head_dim]
-    config.BACKWARD_KERNEL = "strips"
+    saved = config.BACKWARD_MMA_TILES[cfg.head_dim]
     config.BACKWARD_MMA_TILES[cfg.head_dim] = cfg
     try:
         yield
     finally:
-        config.BACKWARD_KERNEL, config.BACKWARD_MMA_TILES[cfg.head_dim] = saved
+        config.BACKWARD_MMA_TILES[cfg.head_dim] = saved
 
 
 def _compile_one(job):

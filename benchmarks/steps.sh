@@ -1,4 +1,4 @@
-# Sourced by the one-call GPU scripts (gpu_all.sh, gpu_grids.sh):
+# Sourced by the one-call GPU scripts (gpu_all.sh, gpu_tests.sh):
 #   step NAME SECONDS COMMAND...
 # runs COMMAND under a time limit, announces it, and on a failure or a timeout adds
 # NAME to the array ``failed``, so that the remaining steps still run.

@@ -6,7 +6,6 @@ for a call; the tables record the choice per head-dim bucket. Shared-memory use 
 computed here, from the same layout the kernels use, so that a table entry that does
 not fit is caught before any compile (``check_fits``).
 """
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,9 +127,6 @@ class MmaConfig:
     q_in_registers: bool = True
     #: 2 for float16/bfloat16 tiles, 4 for float32 tiles on tf32 tensor cores.
     element_bytes: int = 2
-    #: The strips backward's dQ columns in this many passes (0: the kernel's default,
-    #: see kernels/backward_mma_strips.py).
-    dq_passes: int = 0
 
     @property
     def threads(self):
@@ -150,27 +146,11 @@ class MmaConfig:
         """Q and two stages of the K and V tiles."""
         return (self.block_m + 4 * self.block_n) * self.row * self.element_bytes
 
-    @property
-    def backward_shared_bytes(self):
-        """The strips backward: K, V (block_n rows), two stages of Q, dO (block_m rows)
-        and of their two float32 row statistics, and dS^T (16-bit, block_n rows of
-        block_m queries)."""
-        return ((2 * self.block_n + 4 * self.block_m) * self.row * 2
-                + self.block_n * tile_row(self.block_m, 2) * 2 + 4 * self.block_m * 4)
-
     def check(self):
         """The forward's shape: each warp owns whole 16-row m-tiles of the query tile."""
         if self.block_m % (16 * self.warps) or self.block_n % 16 or self.head_dim % 16:
             raise ValueError(f"tiles must be multiples of 16 rows per warp in {self}")
         _check_copies_and_shared(self, self.forward_shared_bytes)
-
-    def check_backward(self):
-        """The strips backward's shape: 16 keys per warp, query tiles of whole 16-row
-        blocks."""
-        if self.block_n != 16 * self.warps or self.block_m % 16 or self.head_dim % 16:
-            raise ValueError(f"the backward needs block_n = 16 * warps and block_m a "
-                             f"multiple of 16 in {self}")
-        _check_copies_and_shared(self, self.backward_shared_bytes)
 
 
 def _check_copies_and_shared(cfg, shared_bytes):
@@ -185,7 +165,7 @@ def _check_copies_and_shared(cfg, shared_bytes):
 
 @dataclass(frozen=True)
 class BackwardMmaConfig:
-    """Compile-time shape of the grids backward (kernels/backward_mma.py).
+    """Compile-time shape of the tensor-core backward (kernels/backward_mma.py).
 
     One block per tile of ``block_n`` keys walks the query tiles of ``block_m`` rows
     that see it. Each of its five products splits over the ``warps`` warps in a grid
@@ -259,45 +239,26 @@ FORWARD_MMA_TILES = {
 #: 263 TFLOP/s (0.98x torch flash) at seqlen 4096, where the grid had measured 0.90x
 #: for the reloading tile.
 FORWARD_MMA_TILES_CAUSAL = {}
-#: The tensor-core backward nbflash runs: "strips" (kernels/backward_mma_strips.py:
-#: each warp owns 16 keys and all the queries of a tile; measured and tested on the
-#: H100) or "grids" (kernels/backward_mma.py: FlashAttention-2's warp grid per
-#: product; tested under the simulator and compiled for sm_90 offline, not yet run
-#: on a GPU). ``NBFLASH_BACKWARD_KERNEL=grids`` selects the grids kernel, so that its
-#: GPU tests and benchmarks run before it becomes the default.
-BACKWARD_KERNELS = ("strips", "grids")
-BACKWARD_KERNEL = os.environ.get("NBFLASH_BACKWARD_KERNEL", "strips")
-if BACKWARD_KERNEL not in BACKWARD_KERNELS:
-    raise ValueError(f"NBFLASH_BACKWARD_KERNEL must be one of {BACKWARD_KERNELS}, "
-                     f"not {BACKWARD_KERNEL!r}")
-#: Strips backward tiles: block_n = 16 keys per warp, block_m queries per tile.
-#: 128 keys over 8 warps halve the dQ atomics per flop against 64 over 4. Measured on
-#: the H100 (fp16, seqlen 4096, hidden 2048, backward alone; .gpu/dev_bwd.py, see
-#: benchmarks/NOTES.md), TFLOP/s full / causal: d64 64x64x4w 109 / 79, 64x128x8w
-#: 113 / 82; d128 64x64x4w 104 / 79, 64x128x8w 116 / 83. Head dims 32 and 256 were
-#: not re-measured.
+#: Tensor-core backward tiles per head-dim bucket, in FlashAttention-2's warp grids
+#: (BackwardMmaConfig; 128 keys per block where registers allow, which halves the dQ
+#: atomics per flop against 64). Measured on the H100 (fp16, hidden 2048, backward
+#: alone, torch flash's backward in the same run; ``python -m benchmarks backward``,
+#: benchmarks/NOTES.md), ms at seqlen 4096 full / causal: d128 64x128x8w grids 2/4/2
+#: 5.09 / 2.89, 2/2/2 5.06 / 2.93, 64x64x4w 5.73 / 3.19 (torch 4.55 / 2.48); d64
+#: 128x128x8w 2/4/4 5.54 / 3.12, 64x128x8w 2/4/2 6.14 / 3.41, 64x64x4w 6.17 / 3.38
+#: (torch 4.90 / 2.78). Head dims 32, 96 and 256 take FlashAttention-2's sm80 shapes
+#: where they compile, not measured against alternatives.
 BACKWARD_MMA_TILES = {
-    32: MmaConfig(64, 64, 32, 4),
-    64: MmaConfig(64, 128, 64, 8),
-    96: MmaConfig(64, 128, 96, 8),
-    128: MmaConfig(64, 128, 128, 8),
-    256: MmaConfig(32, 32, 256, 2),
-}
-#: Grids backward tiles per head-dim bucket: FlashAttention-2's shapes for its sm80
-#: backward (64 x 128 x 8 warps at d128, grids 2/4/2) where they compile; 128 keys per
-#: block where registers allow, which halves the dQ atomics per flop against 64. Not
-#: yet measured: ``python -m benchmarks backward`` times them beside the strips.
-BACKWARD_MMA_GRIDS = {
     32: BackwardMmaConfig(64, 64, 32, 4, 2, 2, 2),
-    64: BackwardMmaConfig(64, 128, 64, 8, 2, 4, 2),
+    64: BackwardMmaConfig(128, 128, 64, 8, 2, 4, 4),
     96: BackwardMmaConfig(64, 128, 96, 8, 2, 4, 4),
     128: BackwardMmaConfig(64, 128, 128, 8, 2, 4, 2),
     256: BackwardMmaConfig(64, 64, 256, 8, 4, 2, 2),
 }
 #: Under the simulator: one warp, so each warp-collective costs one exchange.
 SIMULATOR_MMA_TILE = {d: MmaConfig(16, 16, d, 1) for d in HEAD_DIM_BUCKETS}
-SIMULATOR_BACKWARD_MMA_GRIDS = {d: BackwardMmaConfig(16, 16, d, 1, 1, 1, 1)
-                                for d in HEAD_DIM_BUCKETS}
+SIMULATOR_BACKWARD_MMA_TILE = {d: BackwardMmaConfig(16, 16, d, 1, 1, 1, 1)
+                               for d in HEAD_DIM_BUCKETS}
 #: Input dtypes that run on tensor cores.
 MMA_DTYPES = ("float16", "bfloat16")
 
@@ -329,12 +290,9 @@ FLOAT32_PASSES = 3
 
 
 def select_backward_mma(head_dim, simulator=False):
-    """The tensor-core backward's configuration: an MmaConfig for the strips kernel, a
-    BackwardMmaConfig for the grids kernel (``BACKWARD_KERNEL``)."""
+    """The tensor-core backward's configuration (a BackwardMmaConfig)."""
     bucket = head_dim_bucket(head_dim)
-    if BACKWARD_KERNEL == "grids":
-        return (SIMULATOR_BACKWARD_MMA_GRIDS if simulator else BACKWARD_MMA_GRIDS)[bucket]
-    return (SIMULATOR_MMA_TILE if simulator else BACKWARD_MMA_TILES)[bucket]
+    return (SIMULATOR_BACKWARD_MMA_TILE if simulator else BACKWARD_MMA_TILES)[bucket]
 
 
 def select_forward_mma(head_dim, simulator=False, causal=False, tf32_passes=0):

@@ -12,7 +12,6 @@ from ._launch import ArgTemplate, ArraySpec, array_type, get_kernel, scalar_type
 from .kernels.backward import (ROW_THREADS, ROWS_PER_BLOCK, build_backward, build_convert,
                                build_preprocess, build_stats)
 from .kernels.backward_mma import build_backward_mma
-from .kernels.backward_mma_strips import build_backward_mma_strips
 from .kernels.common import LOG2E
 from .kernels.forward import build_forward
 from .kernels.forward_mma import build_forward_mma
@@ -425,7 +424,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
             row_inputs + [lse, stats, dq_accum.view(np.complex64), scale_acc])
         # The tensor-core kernel reads q, k, v, dout as uint16 in the chunk layout.
         inputs = [_chunk_layout(x).view(np.uint16) for x in (q, k, v, dout)] + [stats]
-        kind, build = "backward_mma", BACKWARD_MMA_BUILDERS[type(cfg)]
+        kind, build = "backward_mma", build_backward_mma
         signature = [array_type(np.uint16, 4)] * 4 + [array_type(acc, 4)]
     else:
         dq_accum.fill(0)      # a memset on the GPU
@@ -454,11 +453,6 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     conv(rows_grid, (ROW_THREADS,), conv_args)
     return dq, dk, dv
 
-
-#: The tensor-core backward kernel for each kind of configuration
-#: (``config.select_backward_mma``).
-BACKWARD_MMA_BUILDERS = {config.MmaConfig: build_backward_mma_strips,
-                         config.BackwardMmaConfig: build_backward_mma}
 
 #: Most dQ accumulators ``attention_backward(..., deterministic=True)`` allocates.
 DETERMINISTIC_MAX_SPLITS = 16

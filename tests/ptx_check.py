@@ -53,7 +53,6 @@ def kernels():
     from nbflash import config
     from nbflash._launch import array_type
     from nbflash.kernels.backward_mma import build_backward_mma
-    from nbflash.kernels.backward_mma_strips import build_backward_mma_strips
     from nbflash.kernels.forward_mma import build_forward_mma
     from numba import types
     f32 = types.float32
@@ -69,13 +68,10 @@ def kernels():
                 store = config.STORAGE[dtype]
                 sig = ([array_type("uint16", 4)] * 4 + [array_type("float32", 4)] * 2
                        + [array_type(store, 4)] * 2 + [f32, f32])
-                for kind, bcfg, build in (
-                        ("backward_mma", config.BACKWARD_MMA_TILES[bucket],
-                         build_backward_mma_strips),
-                        ("backward_grids", config.BACKWARD_MMA_GRIDS[bucket], build_backward_mma)):
-                    yield (f"{kind} {dtype} d{bucket} {'causal' if causal else 'full'} "
-                           f"{bcfg.block_m}x{bcfg.block_n}x{bcfg.warps}w",
-                           build(bcfg, dtype, causal), tuple(sig))
+                bcfg = config.BACKWARD_MMA_TILES[bucket]
+                yield (f"backward_mma {dtype} d{bucket} {'causal' if causal else 'full'} "
+                       f"{bcfg.block_m}x{bcfg.block_n}x{bcfg.warps}w",
+                       build_backward_mma(bcfg, dtype, causal), tuple(sig))
     for bucket in config.HEAD_DIM_BUCKETS:
         for causal in (False, True):
             sig = [array_type("float32", 4)] * 4 + [array_type("float32", 3), f32]
@@ -107,7 +103,6 @@ def every_dispatcher():
     from nbflash import config
     from nbflash.kernels.backward import build_backward, build_convert, build_preprocess, build_stats
     from nbflash.kernels.backward_mma import build_backward_mma
-    from nbflash.kernels.backward_mma_strips import build_backward_mma_strips
     from nbflash.kernels.forward import build_forward
     from nbflash.kernels.forward_mma import build_forward_mma
     for dt in ("float16", "bfloat16", "float32", "float64"):
@@ -122,9 +117,7 @@ def every_dispatcher():
                 if dt in config.MMA_DTYPES:
                     yield build_forward_mma(config.select_forward_mma(d, causal=causal), dt, causal)
                     for det in (False, True):
-                        yield build_backward_mma_strips(config.BACKWARD_MMA_TILES[d], dt,
-                                                        causal, det)
-                        yield build_backward_mma(config.BACKWARD_MMA_GRIDS[d], dt, causal, det)
+                        yield build_backward_mma(config.BACKWARD_MMA_TILES[d], dt, causal, det)
                 else:
                     if dt == "float32":
                         for passes in {1, config.FLOAT32_PASSES} - {0}:

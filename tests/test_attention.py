@@ -109,7 +109,7 @@ def test_backward(poison, dtype_name, head_dims, data):
 
 #: Head dim 96: its 12 16-byte chunks per row do not divide evenly over the copy
 #: loops' groups of 8 threads (16 or 32 groups on the GPU). Under the simulator the
-#: bucket's tile is replaced by a two-warp one (8 groups) to reach the same path.
+#: bucket's tiles are replaced by two-warp ones (8 groups) to reach the same path.
 UNEVEN_CHUNKS_CASE = Case(batch=1, seqlen_q=33, seqlen_k=35, nheads_k=1, group=1,
                           head_dim=90, causal=True, softmax_scale=None, layout="padded",
                           input_scale=1.0, seed=96)
@@ -119,6 +119,8 @@ UNEVEN_CHUNKS_CASE = Case(batch=1, seqlen_q=33, seqlen_k=35, nheads_k=1, group=1
 def test_head_dim_96_uneven_chunk_copies(poison, monkeypatch, dtype_name):
     if SIMULATOR:
         monkeypatch.setitem(config.SIMULATOR_MMA_TILE, 96, config.MmaConfig(32, 32, 96, 2))
+        monkeypatch.setitem(config.SIMULATOR_BACKWARD_MMA_TILE, 96,
+                            config.BackwardMmaConfig(32, 32, 96, 2, 1, 2, 1))
     assert config.head_dim_bucket(UNEVEN_CHUNKS_CASE.head_dim) == 96
     _check_forward(dtype_name, UNEVEN_CHUNKS_CASE)
     _check_backward(dtype_name, UNEVEN_CHUNKS_CASE)
@@ -127,24 +129,10 @@ def test_head_dim_96_uneven_chunk_copies(poison, monkeypatch, dtype_name):
 MMA_DTYPE_NAMES = list(config.MMA_DTYPES)
 
 
-@pytest.fixture
-def grids(monkeypatch):
-    """The tensor-core backward in warp grids (kernels/backward_mma.py), which
-    ``NBFLASH_BACKWARD_KERNEL=grids`` selects for a whole run."""
-    monkeypatch.setattr(config, "BACKWARD_KERNEL", "grids")
-
-
-@pytest.mark.parametrize("head_dims", HEAD_DIMS, ids=str)
-@pytest.mark.parametrize("dtype_name", MMA_DTYPE_NAMES)
-@EXAMPLES
-@given(data=st.data())
-def test_backward_grids(poison, grids, dtype_name, head_dims, data):
-    _check_backward(dtype_name, data.draw(cases(SIMULATOR, head_dims), label="case"))
-
-
-#: The grids backward under the simulator, whose default tile has one warp: each
+#: The tensor-core backward under the simulator, whose default tile has one warp: each
 #: product split over several warps, several 16 x 16 blocks per warp, interleaved
-#: along both axes, partial and causal tiles, GQA, and head dim 96's uneven copies.
+#: along both axes, partial and causal tiles, GQA (head dim 96's uneven copies:
+#: test_head_dim_96_uneven_chunk_copies).
 WARP_GRID_CASES = [
     (config.BackwardMmaConfig(32, 32, 32, 4, 2, 2, 2),
      Case(batch=1, seqlen_q=37, seqlen_k=45, nheads_k=1, group=2, head_dim=20, causal=True,
@@ -155,15 +143,13 @@ WARP_GRID_CASES = [
     (config.BackwardMmaConfig(64, 32, 64, 2, 2, 1, 1),
      Case(batch=1, seqlen_q=50, seqlen_k=70, nheads_k=2, group=1, head_dim=40, causal=True,
           softmax_scale=None, layout="padded", input_scale=1.0, seed=13)),
-    (config.BackwardMmaConfig(32, 32, 96, 2, 1, 2, 1), UNEVEN_CHUNKS_CASE),
 ]
 
 
-@pytest.mark.skipif(not SIMULATOR, reason="the GPU runs the selected grids in test_backward_grids")
-@pytest.mark.parametrize("cfg,case", WARP_GRID_CASES,
-                         ids=["2x2", "1x4", "2x1-interleaved", "d96-uneven-chunks"])
-def test_backward_warp_grids(poison, grids, monkeypatch, cfg, case):
-    monkeypatch.setitem(config.SIMULATOR_BACKWARD_MMA_GRIDS, cfg.head_dim, cfg)
+@pytest.mark.skipif(not SIMULATOR, reason="the GPU runs its multi-warp tables in test_backward")
+@pytest.mark.parametrize("cfg,case", WARP_GRID_CASES, ids=["2x2", "1x4", "2x1-interleaved"])
+def test_backward_warp_grids(poison, monkeypatch, cfg, case):
+    monkeypatch.setitem(config.SIMULATOR_BACKWARD_MMA_TILE, cfg.head_dim, cfg)
     assert config.select_backward_mma(case.head_dim, True) == cfg
     _check_backward("float16", case)
 
@@ -194,13 +180,6 @@ P_ROUNDING_CASE = Case(batch=1, seqlen_q=1, seqlen_k=148, nheads_k=1, group=1, h
 @pytest.mark.parametrize("dtype_name", DTYPE_NAMES)
 def test_backward_p_rounding_regression(poison, dtype_name):
     _check_backward(dtype_name, P_ROUNDING_CASE)
-
-
-@pytest.mark.parametrize("case", REGRESSIONS + [P_ROUNDING_CASE],
-                         ids=["sk1-gqa-d96", "sq16-sk1-d17", "sk1-d33-scale1", "p-rounding"])
-@pytest.mark.parametrize("dtype_name", MMA_DTYPE_NAMES)
-def test_backward_grids_regressions(poison, grids, dtype_name, case):
-    _check_backward(dtype_name, case)
 
 
 #: One query, 261 keys, head dim 1, logits up to 22 (found by the H100's default GPU run,

@@ -294,14 +294,13 @@ def test_driver_swaps_nbflash_tile_sizes_and_restores_them():
 
 def test_backward_benchmark_selects_each_kernel_and_restores_the_table():
     labels = [label for label, _ in backward.configurations(128, None)]
-    assert labels[:2] == ["strips", "grids"] and len(labels) == 2 + len(backward.CANDIDATES[128])
+    assert labels[0] == "table" and len(labels) == 1 + len(backward.CANDIDATES[128])
     before = config.select_backward_mma(100)
     for label, cfg in backward.configurations(100, ["64,64,4,2,2,2"]):
         with backward.selected(cfg):
             assert config.select_backward_mma(100) == cfg
-            assert type(cfg) in interface.BACKWARD_MMA_BUILDERS
     assert config.select_backward_mma(100) == before
-    rows = [dict(headdim=128, seqlen=4096, causal=False, peer="grids", ms=2.0, tflops=100.0),
+    rows = [dict(headdim=128, seqlen=4096, causal=False, peer="table", ms=2.0, tflops=100.0),
             dict(headdim=128, seqlen=4096, causal=False, peer="torch-flash", ms=1.0,
                  tflops=200.0)]
-    assert "| d128 | full | 4096 | grids | 100 (0.50x) |" in backward.table(rows)
+    assert "| d128 | full | 4096 | table | 100 (0.50x) |" in backward.table(rows)

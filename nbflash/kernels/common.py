@@ -48,8 +48,6 @@ def config_name(cfg):
         parts.append(f"{cfg.warps}w_{cfg.sdp_warps_m}{cfg.dkv_warps_n}{cfg.dq_warps_m}")
     elif hasattr(cfg, "warps"):
         parts.append(f"{cfg.warps}w" + ("_qreg" if cfg.q_in_registers else ""))
-        if cfg.dq_passes:
-            parts.append(f"dq{cfg.dq_passes}")
     else:
         parts.append(f"{cfg.threads}t{cfg.thread_cols}c")
     return "_".join(parts)

@@ -64,8 +64,6 @@ def check():
         stats[kernel.dispatcher.py_func.__name__] = {
             "hits": sum(s.cache_hits.values()), "misses": sum(s.cache_misses.values())}
     # The backward's causal=False kernel was not precompiled: the one miss expected.
-    # (Its name starts with backward_mma for the strips kernel, backward_grids for the
-    # grids kernel; the row kernels' names are stats_* and convert_*.)
     for name, s in stats.items():
         expect_miss = name.startswith("backward_") and name.endswith("_full")
         if s["misses"] != int(expect_miss) or s["hits"] != 1 - int(expect_miss):

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call after a kernel change: compile the tensor-core kernels in parallel,
+# run the GPU test suite, and check the kernels under compute-sanitizer. Planned to end
+# inside 7 minutes on 16 CPU cores and an H100 (step limits below).
+# Usage, from the repository root on the GPU machine:
+#   source .gpu/env.sh && bash benchmarks/gpu_tests.sh
+# Logs go to $OUT (device runs) or /tmp/out. A step that fails or runs out of time is
+# reported; the rest run.
+set -u
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+export NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS=0 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+. benchmarks/steps.sh        # step NAME SECONDS COMMAND..., and the array failed
+
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
+# 60 configurations (deterministic too) took 88 s on 2026-12-07.
+step "precompile (float16, bfloat16; every head-dim bucket)" 130 \
+  $PY -m nbflash.precompile --dtypes float16 bfloat16 --head-dims 32 64 96 128 256 \
+  --deterministic both
+step "gpu tests" 250 bash -c "$PY -m pytest -q -n 16 -m gpu tests > $OUT/pytest.txt 2>&1; \
+  rc=\$?; tail -15 $OUT/pytest.txt; exit \$rc"
+step "compute-sanitizer (float16)" 60 \
+  $PY tests/gpu/sanitize.py --tools memcheck racecheck --jobs 16 -- --filter float16 \
+  --max-cases 24
+echo
+echo "failed steps: ${failed[*]:-none}"
