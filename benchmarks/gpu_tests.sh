@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call after a kernel change: compile the tensor-core kernels in parallel,
 # run the GPU test suite, and check the kernels under compute-sanitizer. Planned to end
-# inside 7 minutes on 16 CPU cores and an H100 (step limits below).
+# inside 8 minutes on 16 CPU cores and an H100 (step limits below).
 # Usage, from the repository root on the GPU machine:
 #   source .gpu/env.sh && bash benchmarks/gpu_tests.sh
 # Logs go to $OUT (device runs) or /tmp/out. A step that fails or runs out of time is
@@ -16,11 +16,12 @@ PY=${PYTHON:-python3}
 
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
 # 60 configurations (deterministic too) took 88 s on 2026-12-07.
-step "precompile (float16, bfloat16; every head-dim bucket)" 130 \
-  $PY -m nbflash.precompile --dtypes float16 bfloat16 --head-dims 32 64 96 128 256 \
-  --deterministic both
-step "gpu tests" 250 bash -c "$PY -m pytest -q -n 16 -m gpu tests > $OUT/pytest.txt 2>&1; \
-  rc=\$?; tail -15 $OUT/pytest.txt; exit \$rc"
+step "precompile (float16, bfloat16; every head-dim bucket)" 150 bash -c "$PY -m nbflash.precompile \
+  --dtypes float16 bfloat16 --head-dims 32 64 96 128 256 --deterministic both \
+  > $OUT/precompile.txt 2>&1; rc=\$?; tail -4 $OUT/precompile.txt; exit \$rc"
+# Without the precompile the suite ran past 250 s at 95% (2026-12-07, 16 workers).
+step "gpu tests" 290 bash -c "$PY -m pytest -q -n 16 -m gpu tests -W ignore::Warning \
+  > $OUT/pytest.txt 2>&1; rc=\$?; tail -15 $OUT/pytest.txt; exit \$rc"
 step "compute-sanitizer (float16)" 60 \
   $PY tests/gpu/sanitize.py --tools memcheck racecheck --jobs 16 -- --filter float16 \
   --max-cases 24
