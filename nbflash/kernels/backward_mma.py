@@ -405,15 +405,10 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
         tid = cuda.threadIdx.x
         warp = tid >> 5
         lane = tid & 31
-        # Sizes and the query loop's bookkeeping in 32 bits: Numba's default int64 takes
-        # two registers per value, and at head dim 128 these pushed the loop's values
-        # into local memory (sm_90, nvJitLink 13.5: spill reloads in the loop 24 -> 15).
-        # Every count fits: total = group x query tiles would need a q of 2^37
-        # elements to overflow.
-        seqlen_q = np.int32(q.shape[1])
-        seqlen_k = np.int32(k.shape[1])
-        head_dim = np.int32(q.shape[3])
-        group = np.int32(q.shape[2] // k.shape[2])
+        seqlen_q = q.shape[1]
+        seqlen_k = k.shape[1]
+        head_dim = q.shape[3]
+        group = q.shape[2] // k.shape[2]
         # One key tile per block, or, deterministic, a strided share of them and a
         # dQ accumulator slice of its own: see DETERMINISM in kernels/backward.py.
         split, stop, step, dq_b = key_tiles(b, q.shape[0], seqlen_k)
@@ -458,12 +453,10 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
 
             # ---- Prologue: K_j, V_j stay; the first query tile into stage 0
             m_start, m_end = query_tile_range(n_block, BM, BN, seqlen_q, seqlen_k, CAUSAL)
-            m_start = np.int32(m_start)
-            m_end = np.int32(m_end)
-            total = np.int32(group * (m_end - m_start))
+            total = group * (m_end - m_start)
             load_kv(smem_base, OFF_K, k, b, n0, seqlen_k, h_kv, head_dim, tid)
             load_kv(smem_base, OFF_V, v, b, n0, seqlen_k, h_kv, head_dim, tid)
-            h = np.int32(h_kv * group)
+            h = h_kv * group
             m_block = m_start
             if total > 0:
                 load_query_tile_d(smem_base, 0, q, dout, stats, b, h, m_block * BM, seqlen_q,
@@ -474,20 +467,20 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
             # tile it is in stage it % 2. Counters, not it // n_tiles: 64-bit divisions
             # cost more than the bookkeeping they replace.
             for it in range(total):
-                m0 = np.int32(m_block * BM)
+                m0 = m_block * BM
                 stage = it & 1
                 qs = stage * (2 * QSTAGE)      # bytes
                 rs = stage * RSTAGE
                 ops.cp_async_wait(0)
                 cuda.syncthreads()         # tile it has landed; tile it-1's stage, P, dS are free
                 h_next = h
-                m_next = np.int32(m_block + 1)
+                m_next = m_block + 1
                 if m_next == m_end:
                     m_next = m_start
-                    h_next = np.int32(h + 1)
+                    h_next = h + 1
                 if it + 1 < total:         # tile it+1 is copied during all of tile it
                     load_query_tile_d(smem_base, 1 - stage, q, dout, stats, b, h_next,
-                                      np.int32(m_next * BM), seqlen_q, head_dim, tid)
+                                      m_next * BM, seqlen_q, head_dim, tid)
                     ops.cp_async_commit()
 
                 # S = Q K^T, P = exp2(S c - lse log2 e), into shared memory as 16 bits
