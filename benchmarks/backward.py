@@ -79,23 +79,13 @@ def selected(cfg):
 
 def _compile_one(job):
     """Compiles (or loads) one configuration's backward kernels into the disk cache, in a
-    fresh process; returns ``(label, seconds)``."""
+    fresh process, as ``nbflash.precompile`` does for the table's; returns
+    ``(label, seconds)``."""
+    from nbflash.precompile import compile_one
     label, cfg, dtype_name, causal = job
-    import numpy as np
-
-    import nbflash
-    from nbflash import config, interface
-    xp = interface.xp
-    dtype = np.dtype(dtype_name) if dtype_name != "bfloat16" else np.dtype(
-        __import__("ml_dtypes").bfloat16)
-    q = xp.asarray(np.full((1, 16, 1, cfg.head_dim), 0.5, dtype))
-    lse = xp.zeros((1, 1, 16), config.ACCUMULATOR[dtype_name])
-    start = time.perf_counter()
     with selected(cfg):
-        nbflash.attention_backward(q, q, q, q, q, lse, causal=causal)
-    if interface.ON_GPU:
-        xp.cuda.get_current_stream().synchronize()
-    return f"{label} d{cfg.head_dim} causal={causal}", time.perf_counter() - start
+        _, seconds = compile_one(("backward", dtype_name, cfg.head_dim, causal, False))
+    return f"{label} d{cfg.head_dim} causal={causal}", seconds
 
 
 def precompile(args):
@@ -165,6 +155,11 @@ def sweep(args, report=lambda row: None):
     return rows
 
 
+def _failure(row):
+    """Why a configuration's row has no time: the error, or its gradients' errors."""
+    return row.get("error") or f"wrong: {row.get('relative_error')}"
+
+
 def table(rows):
     """Markdown: TFLOP/s per configuration and point, with the ratio to torch flash."""
     torch_ms = {(r["headdim"], r["causal"], r["seqlen"]): r["ms"]
@@ -176,7 +171,7 @@ def table(rows):
             ratio = torch_ms[key] / r["ms"] if key in torch_ms else float("nan")
             cell = f"{r['tflops']:.0f} ({ratio:.2f}x)"
         else:
-            cell = r.get("error") or f"wrong: {r.get('relative_error')}"
+            cell = _failure(r)
         out.append([f"d{key[0]}", "causal" if key[1] else "full", str(key[2]), r["peer"], cell])
     return common.markdown_table(["head dim", "mask", "seqlen", "peer", "TFLOP/s (vs torch)"],
                                  out)
@@ -191,7 +186,7 @@ def main(argv=None):
 
     def report(row):
         cell = (f"{row['ms']:.3f} ms, {row['tflops']:.0f} TFLOP/s" if row.get("ms")
-                else row.get("error") or f"wrong: {row.get('relative_error')}")
+                else _failure(row))
         print(f"  d{row['headdim']} {'causal' if row['causal'] else 'full'} s{row['seqlen']} "
               f"{row['peer']}: {cell}", flush=True)
 

@@ -68,7 +68,7 @@ def kernels():
                 store = config.STORAGE[dtype]
                 sig = ([array_type("uint16", 4)] * 4 + [array_type("float32", 4)] * 2
                        + [array_type(store, 4)] * 2 + [f32, f32])
-                bcfg = config.BACKWARD_MMA_TILES[bucket]
+                bcfg = config.select_backward_mma(bucket)
                 yield (f"backward_mma {dtype} d{bucket} {'causal' if causal else 'full'} "
                        f"{bcfg.block_m}x{bcfg.block_n}x{bcfg.warps}w",
                        build_backward_mma(bcfg, dtype, causal), tuple(sig))
@@ -117,7 +117,7 @@ def every_dispatcher():
                 if dt in config.MMA_DTYPES:
                     yield build_forward_mma(config.select_forward_mma(d, causal=causal), dt, causal)
                     for det in (False, True):
-                        yield build_backward_mma(config.BACKWARD_MMA_TILES[d], dt, causal, det)
+                        yield build_backward_mma(config.select_backward_mma(d), dt, causal, det)
                 else:
                     if dt == "float32":
                         for passes in {1, config.FLOAT32_PASSES} - {0}:

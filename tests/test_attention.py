@@ -126,9 +126,6 @@ def test_head_dim_96_uneven_chunk_copies(poison, monkeypatch, dtype_name):
     _check_backward(dtype_name, UNEVEN_CHUNKS_CASE)
 
 
-MMA_DTYPE_NAMES = list(config.MMA_DTYPES)
-
-
 #: The tensor-core backward under the simulator, whose default tile has one warp: each
 #: product split over several warps, several 16 x 16 blocks per warp, interleaved
 #: along both axes, partial and causal tiles, GQA (head dim 96's uneven copies:

@@ -11,7 +11,7 @@ import pytest
 import reference
 from benchmarks import backward, common, hbm, speed, timing
 from benchmarks.animate import build, forward_steps, render
-from nbflash import config, interface, io_model
+from nbflash import config, io_model
 from reference.tiled import key_tile_range as reference_key_tile_range
 
 REPO = Path(__file__).resolve().parent.parent
@@ -292,7 +292,7 @@ def test_driver_swaps_nbflash_tile_sizes_and_restores_them():
     assert io_model.forward_config("float16", 128) == before
 
 
-def test_backward_benchmark_selects_each_kernel_and_restores_the_table():
+def test_backward_benchmark_selects_each_configuration_and_restores_the_table():
     labels = [label for label, _ in backward.configurations(128, None)]
     assert labels[0] == "table" and len(labels) == 1 + len(backward.CANDIDATES[128])
     before = config.select_backward_mma(100)

@@ -51,9 +51,9 @@ def test_tensor_core_instructions(report, kind, bucket):
 
 
 #: Kernels that still spill registers (measured with nvJitLink's ptxas). The backward
-#: spills 140-216 bytes at d128 and about 100 at d256 (each warp holds its share of
-#: dK and dV, 2 x 128 float32 per thread at d128, across the query loop), none at d32
-#: or d64. The d128 forward's 128x64 tiles spill 112 bytes; the spill-free 128x32
+#: spills 140-216 bytes at d128 and about 100 at d256 (each thread holds its share of
+#: dK and dV, 64 float32 each at d128, across the query loop, beside float32 P and dP),
+#: none at d32 or d64. The d128 forward's 128x64 tiles spill 112 bytes; the spill-free 128x32
 #: tiles measured 10% slower (config.FORWARD_MMA_TILES).
 KNOWN_SPILLS = {"forward_mma float16 d128 full", "forward_mma float16 d128 causal",
                 "backward_mma float16 d128 full", "backward_mma float16 d128 causal",
