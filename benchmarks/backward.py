@@ -2,10 +2,11 @@
 
 Times ``nbflash.attention_backward`` (its pre-pass, main kernel and dQ conversion)
 with the tensor-core backward's table configuration (``config.BACKWARD_MMA_TILES``,
-labelled "table") and the alternatives in ``CANDIDATES`` (or given with
-``--configs``), beside the backward of PyTorch's
-FlashAttention-2 SDPA backend (``torch.autograd.grad`` of its output), in one
-process on the same inputs: the measurement behind the tables' choices.
+or ``BACKWARD_TF32_TILES`` for float32; labelled "table") and the alternatives in
+``CANDIDATES`` (or given with ``--configs``), beside the backward of PyTorch's
+FlashAttention-2 SDPA backend (its memory-efficient backend for float32;
+``torch.autograd.grad`` of its output), in one process on the same inputs: the
+measurement behind the tables' choices.
 
 Shapes as in ``speed`` (batch x seqlen = 16384 tokens, hidden 2048). Each
 configuration's outputs are checked as ``speed`` checks them (``speed.check_nbflash``)
@@ -31,6 +32,17 @@ CANDIDATES = {
     64: [(64, 128, 8, 2, 4, 2), (64, 64, 4, 2, 2, 2)],
     128: [(64, 64, 4, 2, 2, 2), (64, 128, 8, 2, 2, 2)],
 }
+#: The same for float32 (3xTF32 by default, or ``--tf32``: one product), whose tiles
+#: take twice the shared memory.
+CANDIDATES_TF32 = {
+    64: [(64, 64, 4, 2, 2, 2), (64, 64, 8, 2, 4, 2)],
+    128: [(64, 64, 4, 2, 2, 2), (32, 64, 4, 2, 4, 2)],
+}
+
+
+def _tables(dtype_name):
+    from nbflash import config
+    return config.BACKWARD_TF32_TILES if dtype_name == "float32" else config.BACKWARD_MMA_TILES
 
 
 def parse_args(argv):
@@ -38,7 +50,9 @@ def parse_args(argv):
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--tf32", action="store_true",
+                    help="float32 with allow_tf32=True (one tf32 product per product)")
     ap.add_argument("--causal", nargs="+", choices=["false", "true"], default=["false", "true"])
     ap.add_argument("--configs", nargs="*", default=None, metavar="BM,BN,W,S,KV,Q",
                     help="alternatives for every head dim (default: CANDIDATES)")
@@ -51,15 +65,16 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def configurations(headdim, specs):
+def configurations(headdim, specs, dtype_name="float16"):
     """(label, configuration) for the table's choice and the alternatives."""
     from nbflash import config
     bucket = config.head_dim_bucket(headdim)
-    table = config.BACKWARD_MMA_TILES[bucket]
+    table = _tables(dtype_name)[bucket]
     out = [("table", table)]
-    for spec in specs if specs is not None else CANDIDATES.get(bucket, []):
+    candidates = CANDIDATES_TF32 if dtype_name == "float32" else CANDIDATES
+    for spec in specs if specs is not None else candidates.get(bucket, []):
         bm, bn, w, s, kv, q = (int(x) for x in spec.split(",")) if isinstance(spec, str) else spec
-        cfg = config.BackwardMmaConfig(bm, bn, bucket, w, s, kv, q)
+        cfg = config.BackwardMmaConfig(bm, bn, bucket, w, s, kv, q, table.element_bytes)
         if cfg != table:
             out.append((f"{bm}x{bn}x{w}w_{s}{kv}{q}", cfg))
     return out
@@ -67,14 +82,15 @@ def configurations(headdim, specs):
 
 @contextlib.contextmanager
 def selected(cfg):
-    """attention_backward runs ``cfg`` for its head-dim bucket while inside."""
-    from nbflash import config
-    saved = config.BACKWARD_MMA_TILES[cfg.head_dim]
-    config.BACKWARD_MMA_TILES[cfg.head_dim] = cfg
+    """attention_backward runs ``cfg`` for its head-dim bucket (and element size)
+    while inside."""
+    tables = _tables("float32" if cfg.element_bytes == 4 else "float16")
+    saved = tables[cfg.head_dim]
+    tables[cfg.head_dim] = cfg
     try:
         yield
     finally:
-        config.BACKWARD_MMA_TILES[cfg.head_dim] = saved
+        tables[cfg.head_dim] = saved
 
 
 def _compile_one(job):
@@ -82,17 +98,19 @@ def _compile_one(job):
     fresh process, as ``nbflash.precompile`` does for the table's; returns
     ``(label, seconds)``."""
     from nbflash.precompile import compile_one
-    label, cfg, dtype_name, causal = job
+    label, cfg, dtype_name, causal, tf32 = job
     with selected(cfg):
-        _, seconds = compile_one(("backward", dtype_name, cfg.head_dim, causal, False))
+        _, seconds = compile_one(("backward_tf32" if tf32 else "backward", dtype_name,
+                                  cfg.head_dim, causal, False))
     return f"{label} d{cfg.head_dim} causal={causal}", seconds
 
 
 def precompile(args):
     """Every configuration of the sweep compiled in ``args.jobs`` processes, so that the
     timed process loads them from the disk cache instead of compiling one at a time."""
-    jobs = [(label, cfg, args.dtype, c == "true") for headdim in args.headdims
-            for label, cfg in configurations(headdim, args.configs) for c in args.causal]
+    jobs = [(label, cfg, args.dtype, c == "true", args.tf32) for headdim in args.headdims
+            for label, cfg in configurations(headdim, args.configs, args.dtype)
+            for c in args.causal]
     start = time.perf_counter()
     with ProcessPoolExecutor(min(args.jobs, len(jobs)), mp_context=get_context("spawn")) as pool:
         for name, seconds in pool.map(_compile_one, jobs):
@@ -119,9 +137,10 @@ def sweep(args, report=lambda row: None):
                 base = dict(headdim=headdim, seqlen=seqlen, causal=causal, dtype=args.dtype)
 
                 def run(q, k, v, dout, out, lse):
-                    return nbflash.attention_backward(dout, q, k, v, out, lse, causal=causal)
+                    return nbflash.attention_backward(dout, q, k, v, out, lse, causal=causal,
+                                                      allow_tf32=args.tf32)
 
-                for label, cfg in configurations(headdim, args.configs):
+                for label, cfg in configurations(headdim, args.configs, args.dtype):
                     with selected(cfg):
                         try:
                             ok, errors = check_nbflash(p, *sets[0], ["fwd_bwd"])
@@ -136,8 +155,9 @@ def sweep(args, report=lambda row: None):
                                  "relative_error": errors, "ms": t and t.median_ms,
                                  "tflops": t and flops / t.median_ms / 1e9})
                     report(rows[-1])
+                torch_name = "torch-efficient" if args.dtype == "float32" else "torch-flash"
                 if torch_available():
-                    peer = TorchPeer(p, "torch-flash")
+                    peer = TorchPeer(p, torch_name)
                     with peer.context():
                         prepared = [peer.prepare(q, k, v, dout, True) for q, k, v, dout in sets]
                         outs = [(peer.forward(*x), x) for x in prepared]
@@ -147,7 +167,7 @@ def sweep(args, report=lambda row: None):
                                                             retain_graph=True)
 
                         t = timing.time_calls(torch_run, outs, args.repeats, args.budget)
-                    rows.append({**base, "peer": "torch-flash", "ms": t.median_ms,
+                    rows.append({**base, "peer": torch_name, "ms": t.median_ms,
                                  "tflops": flops / t.median_ms / 1e9})
                     report(rows[-1])
                 del sets, with_out
@@ -163,7 +183,7 @@ def _failure(row):
 def table(rows):
     """Markdown: TFLOP/s per configuration and point, with the ratio to torch flash."""
     torch_ms = {(r["headdim"], r["causal"], r["seqlen"]): r["ms"]
-                for r in rows if r["peer"] == "torch-flash"}
+                for r in rows if r["peer"].startswith("torch-")}
     out = []
     for r in rows:
         key = (r["headdim"], r["causal"], r["seqlen"])

@@ -159,7 +159,8 @@ class NbflashTf32Peer(_CupyPeer):
         import nbflash
         out, lse = nbflash.attention(q, k, v, causal=self.causal, return_lse=True,
                                      allow_tf32=True)
-        return nbflash.attention_backward(dout, q, k, v, out, lse, causal=self.causal)
+        return nbflash.attention_backward(dout, q, k, v, out, lse, causal=self.causal,
+                                          allow_tf32=True)
 
 
 class NaivePeer(_CupyPeer):

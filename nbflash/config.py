@@ -191,7 +191,7 @@ class BackwardMmaConfig:
     @property
     def row(self):
         """Elements per row of a shared head-dim tile (see ``tile_row``)."""
-        return tile_row(self.head_dim, 2)
+        return tile_row(self.head_dim, self.element_bytes)
 
     @property
     def grids(self):
@@ -205,9 +205,11 @@ class BackwardMmaConfig:
     @property
     def backward_shared_bytes(self):
         """K, V (block_n rows), two stages of Q, dO (block_m rows) and of their two
-        float32 row statistics, and P and dS (16-bit, block_m rows of block_n keys)."""
-        return ((2 * self.block_n + 4 * self.block_m) * self.row * 2
-                + 2 * self.block_m * tile_row(self.block_n, 2) * 2 + 4 * self.block_m * 4)
+        float32 row statistics, and P and dS (block_m rows of block_n keys; 16-bit, or
+        float32 for tf32)."""
+        es = self.element_bytes
+        return ((2 * self.block_n + 4 * self.block_m) * self.row * es
+                + 2 * self.block_m * tile_row(self.block_n, es) * es + 4 * self.block_m * 4)
 
     def check_backward(self):
         for name, (w1, w2, n1, n2) in self.grids.items():
@@ -281,6 +283,19 @@ FORWARD_TF32X3_TILES = {
     128: MmaConfig(128, 16, 128, 4, q_in_registers=False, element_bytes=4),
 }
 SIMULATOR_TF32_TILE = {d: MmaConfig(16, 16, d, 1, element_bytes=4) for d in HEAD_DIM_BUCKETS}
+#: float32 backward tiles on tf32 tensor cores, float32 tiles in shared memory (twice
+#: the bytes of the 16-bit tables' tiles, so 64 keys where those take 128; head dims
+#: 96 and 128 use 225 KB of the 227 KB a block may have). Head dim 256 has no shape
+#: that fits: its float32 K and V alone are 128 KB at 64 keys, and it runs the SIMT
+#: backward.
+BACKWARD_TF32_TILES = {
+    32: BackwardMmaConfig(64, 64, 32, 4, 2, 2, 2, element_bytes=4),
+    64: BackwardMmaConfig(64, 128, 64, 8, 2, 4, 2, element_bytes=4),
+    96: BackwardMmaConfig(64, 64, 96, 8, 2, 4, 4, element_bytes=4),
+    128: BackwardMmaConfig(64, 64, 128, 8, 2, 4, 2, element_bytes=4),
+}
+SIMULATOR_BACKWARD_TF32_TILE = {d: BackwardMmaConfig(16, 16, d, 1, 1, 1, 1, element_bytes=4)
+                                for d in HEAD_DIM_BUCKETS}
 #: tf32 products per float32 product in the float32 forward. 3 splits each operand
 #: x = big + small into two tf32 values and sums big*big + big*small + small*big
 #: (the small*small term is below float32's rounding): float32 accuracy on tensor
@@ -289,9 +304,13 @@ SIMULATOR_TF32_TILE = {d: MmaConfig(16, 16, d, 1, element_bytes=4) for d in HEAD
 FLOAT32_PASSES = 3
 
 
-def select_backward_mma(head_dim, simulator=False):
-    """The tensor-core backward's configuration (a BackwardMmaConfig)."""
+def select_backward_mma(head_dim, simulator=False, tf32=False):
+    """The tensor-core backward's configuration (a BackwardMmaConfig): float16 and
+    bfloat16, or float32 on tf32 products with ``tf32``; None where float32 has no
+    tensor-core backward (head dim 256: see BACKWARD_TF32_TILES)."""
     bucket = head_dim_bucket(head_dim)
+    if tf32:
+        return (SIMULATOR_BACKWARD_TF32_TILE if simulator else BACKWARD_TF32_TILES).get(bucket)
     return (SIMULATOR_BACKWARD_MMA_TILE if simulator else BACKWARD_MMA_TILES)[bucket]
 
 

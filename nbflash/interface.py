@@ -244,7 +244,7 @@ class _ForwardLaunch:
 
 
 def _float32_passes(allow_tf32):
-    """tf32 products per float32 product in the forward (0: the exact SIMT kernel)."""
+    """tf32 products per float32 product (0: the exact SIMT kernels)."""
     return 1 if allow_tf32 else config.FLOAT32_PASSES
 
 
@@ -350,7 +350,7 @@ def _forward_mma(cfg, q, k, v, causal, scale, name, passes=1, allow_tf32=False):
 
 
 def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=None,
-                       deterministic=False):
+                       deterministic=False, allow_tf32=False):
     """Gradients of ``attention`` with respect to q, k and v.
 
     Args:
@@ -358,6 +358,11 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         q, k, v, causal, softmax_scale: as given to ``attention``.
         out, lse: what ``attention(q, k, v, ..., return_lse=True)`` returned.
         deterministic: make dq bitwise reproducible (see below).
+        allow_tf32: for float32 inputs, one tf32 product per product, as in
+            ``attention`` (about 3x the speed, errors about 1e-3 of the values'
+            size); by default float32 takes three tf32 products (float32 accuracy).
+            Head dims over 128 run an exact float32 kernel without tensor cores
+            either way. Ignored for other dtypes.
 
     Returns:
         ``(dq, dk, dv)`` with the shapes and dtype of q, k, v. For grouped-query
@@ -375,6 +380,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     (batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim), scale = _check_inputs(
         q, k, v, causal, softmax_scale)
     _validate.check_flag("deterministic", deterministic)
+    _validate.check_flag("allow_tf32", allow_tf32)
     name = _validate.dtype_name(q.dtype)
     acc = _acc_dtype(name)
     _validate.check_like("dout", dout, "q", q, xp.ndarray, ON_GPU)
@@ -393,9 +399,12 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         return dq, dk, dv
 
     store = config.STORAGE[name]
-    mma = name in config.MMA_DTYPES
+    tf32 = name == "float32" and _float32_passes(allow_tf32) > 0
+    cfg = config.select_backward_mma(head_dim, ops.SIMULATOR, tf32) if (
+        tf32 or name in config.MMA_DTYPES) else None
+    mma = cfg is not None
+    passes = _float32_passes(allow_tf32) if tf32 else 1
     if mma:
-        cfg = config.select_backward_mma(head_dim, ops.SIMULATOR)
         cfg.check_backward()
         nbytes = cfg.backward_shared_bytes
     else:
@@ -413,7 +422,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         # One buffer of (lse log2 e, scale Delta) per row, padded to whole query tiles.
         stats = _empty((batch, nheads, 2, _cdiv(seqlen_q, cfg.block_m) * cfg.block_m), acc)
         # The pre-pass also zeroes dq_accum (acc_dim is even: complex64 pairs).
-        pairs = _pairs_ready(dout) and _pairs_ready(out)
+        pairs = not tf32 and _pairs_ready(dout) and _pairs_ready(out)
         if pairs:
             row_inputs = [_kernel_view(x).view(np.uint32) for x in (dout, out)]
         pre = get_kernel(("stats", name, pairs), lambda: build_stats(name, pairs),
@@ -422,10 +431,15 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
                             array_type(np.complex64, 4), scalar_type(scale_acc)], 0)
         pre((_cdiv(stats.shape[3], ROWS_PER_BLOCK), nheads, batch), (ROW_THREADS,),
             row_inputs + [lse, stats, dq_accum.view(np.complex64), scale_acc])
-        # The tensor-core kernel reads q, k, v, dout as uint16 in the chunk layout.
-        inputs = [_chunk_layout(x).view(np.uint16) for x in (q, k, v, dout)] + [stats]
-        kind, build = "backward_mma", build_backward_mma
-        signature = [array_type(np.uint16, 4)] * 4 + [array_type(acc, 4)]
+        # The tensor-core kernel reads q, k, v, dout in the chunk layout (16-bit
+        # values as uint16).
+        tile = np.float32 if tf32 else np.uint16
+        inputs = [_chunk_layout(x).view(tile) for x in (q, k, v, dout)] + [stats]
+        kind = "backward_mma"
+
+        def build(cfg, name, causal, deterministic):
+            return build_backward_mma(cfg, name, causal, deterministic, passes)
+        signature = [array_type(tile, 4)] * 4 + [array_type(acc, 4)]
     else:
         dq_accum.fill(0)      # a memset on the GPU
         delta = _empty((batch, nheads, seqlen_q), acc)
@@ -437,15 +451,15 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         signature = [array_type(store, 4)] * 4 + [array_type(acc, 3)] * 2
     signature += ([array_type(acc, 4)] + [array_type(store, 4)] * 2
                   + [scalar_type(scale_acc)] * 2)
-    main = get_kernel((kind, cfg, name, causal, deterministic),
+    main = get_kernel((kind, cfg, name, causal, deterministic, passes),
                       lambda: build(cfg, name, causal, deterministic), signature, nbytes)
     main((splits if deterministic else n_blocks, nheads_k, batch), (cfg.threads,),
          inputs + [dq_accum, _kernel_view(dk), _kernel_view(dv), scale_acc, scale_log2])
 
-    if np.dtype(q.dtype) == np.dtype(acc) and not deterministic:
+    if np.dtype(q.dtype) == np.dtype(acc) and not deterministic and acc_dim == head_dim:
         return dq_accum, dk, dv
     dq = _empty(q.shape, q.dtype)
-    pairs = mma and _pairs_ready(dq)
+    pairs = mma and not tf32 and _pairs_ready(dq)
     conv_args = ([dq_accum.view(np.complex64), _kernel_view(dq).view(np.uint32)] if pairs
                  else [dq_accum, _kernel_view(dq)])
     conv = get_kernel(("convert", name, pairs), lambda: build_convert(name, pairs),

@@ -33,6 +33,8 @@ def jobs(dtypes=("float16", "bfloat16"), head_dims=(64, 128), causal=(False, Tru
                 out.append(("forward_tf32", dtype, d, c, False))
         if backward:
             out.extend(("backward", dtype, d, c, det) for det in deterministic)
+            if dtype == "float32":      # and its allow_tf32=True kernel
+                out.extend(("backward_tf32", dtype, d, c, det) for det in deterministic)
     return out
 
 
@@ -57,7 +59,8 @@ def compile_one(job):
     else:
         lse = xp.zeros((1, 1, 16), config.ACCUMULATOR[dtype_name])
         nbflash.attention_backward(q, q, k, v, q, lse, causal=causal,
-                                   deterministic=deterministic)
+                                   deterministic=deterministic,
+                                   allow_tf32=what == "backward_tf32")
     if interface.ON_GPU:
         xp.cuda.get_current_stream().synchronize()
     return job, time.perf_counter() - start

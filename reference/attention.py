@@ -322,7 +322,7 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, tf32=False):
     return out, parts["lse"].astype(parts["acc"])
 
 
-def naive_attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None):
+def naive_attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None, tf32=False):
     """Gradients of ``naive_attention`` with every intermediate rounded to q.dtype.
 
     Mirrors what autograd does through plain same-dtype attention (matmuls and
@@ -338,20 +338,25 @@ def naive_attention_backward(dout, q, k, v, *, causal=False, softmax_scale=None)
         dK    = round(dX^T Q)                 per query head
     dK and dV of a kv head: sum of its group's (rounded) per-head gradients,
     accumulated in float32 and rounded once. Returns (dq, dk, dv) in q.dtype.
+
+    ``tf32`` (float32 inputs): the operands of every product, the forward's too, are
+    rounded to tf32 first; the baseline of ``nbflash.attention_backward(...,
+    allow_tf32=True)``.
     """
-    parts = _naive_forward_parts(q, k, v, causal, softmax_scale)
+    parts = _naive_forward_parts(q, k, v, causal, softmax_scale, tf32)
+    op = tf32_round if tf32 else (lambda x: x)
     dtype, acc, rnd, scale = parts["dtype"], parts["acc"], parts["rnd"], parts["scale"]
     qa, ka, va, p, o = parts["qa"], parts["ka"], parts["va"], parts["p"], parts["o"]
     nheads_k = k.shape[2]
     doa = _to_bhsd(rnd(np.asarray(dout).astype(acc)))
 
-    dv = rnd(np.matmul(np.swapaxes(p, -1, -2), doa))                 # (B, H, Sk, D)
-    dp = rnd(np.matmul(doa, np.swapaxes(va, -1, -2)))                 # (B, H, Sq, Sk)
+    dv = rnd(np.matmul(op(np.swapaxes(p, -1, -2)), op(doa)))         # (B, H, Sk, D)
+    dp = rnd(np.matmul(op(doa), op(np.swapaxes(va, -1, -2))))         # (B, H, Sq, Sk)
     delta = rnd(np.sum(doa * o, axis=-1))                             # (B, H, Sq)
     ds = rnd(p * rnd(dp - delta[..., None]))
     dx = rnd(ds * acc.type(scale))
-    dq = rnd(np.matmul(dx, ka))
-    dk = rnd(np.matmul(np.swapaxes(dx, -1, -2), qa))
+    dq = rnd(np.matmul(op(dx), op(ka)))
+    dk = rnd(np.matmul(op(np.swapaxes(dx, -1, -2)), op(qa)))
 
     dq = _from_bhsd(dq)
     dk = rnd(_group_sum(_from_bhsd(dk), nheads_k))

@@ -81,6 +81,14 @@ def kernels():
                        f"{'causal' if causal else 'full'} "
                        f"{cfg.block_m}x{cfg.block_n}x{cfg.warps}w",
                        build_forward_mma(cfg, "float32", causal, passes), tuple(sig))
+                bcfg = config.select_backward_mma(bucket, tf32=True)
+                if bcfg is None:
+                    continue
+                bsig = [array_type("float32", 4)] * 8 + [f32, f32]
+                yield (f"backward_mma float32 tf32x{passes} d{bucket} "
+                       f"{'causal' if causal else 'full'} "
+                       f"{bcfg.block_m}x{bcfg.block_n}x{bcfg.warps}w",
+                       build_backward_mma(bcfg, "float32", causal, False, passes), tuple(bsig))
 
 
 def main(names=None):
@@ -126,8 +134,13 @@ def every_dispatcher():
                             yield build_forward_mma(cfg, dt, causal, passes)
                     if dt == "float64" or not config.FLOAT32_PASSES:
                         yield build_forward(config.select_forward(dt, d), dt, causal)
+                    tf32_cfg = config.select_backward_mma(d, tf32=True) if dt == "float32" else None
                     for det in (False, True):
-                        yield build_backward(config.select_backward(dt, d), dt, causal, det)
+                        if tf32_cfg is None:
+                            yield build_backward(config.select_backward(dt, d), dt, causal, det)
+                            continue
+                        for passes in {1, config.FLOAT32_PASSES}:
+                            yield build_backward_mma(tf32_cfg, dt, causal, det, passes)
 
 
 class _Codegen:

@@ -93,3 +93,14 @@ def test_disk_cache_keys_are_the_same_in_every_process():
     assert len(set(runs[0].values())) == len(runs[0]), "two kernels share a cache key"
     changed = sorted(k for k in runs[0] if runs[0][k] != runs[1].get(k))
     assert not changed, f"cache keys differ between processes: {changed}"
+
+
+def test_tf32_backward_compiles_without_local_memory():
+    """The float32 backward on tf32 tensor cores, 3xTF32 (the default) at head dim 128,
+    full and causal: mma.sync and ldmatrix in the PTX, and ptxas keeps everything in
+    registers (offline, nvJitLink 13.5: 252 and 244 registers)."""
+    rows = compile_report("backward_mma float32 tf32x3 d128")
+    assert len(rows) == 2, rows
+    for r in rows:
+        assert r["mma_sync"] > 0 and r["ldmatrix"] > 0 and r["cp_async"] > 0, r
+        assert r["local_ld_st"] == 0 and r["spill_store_bytes"] == 0, r

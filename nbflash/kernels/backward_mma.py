@@ -1,4 +1,6 @@
-"""FlashAttention backward pass on tensor cores (float16 and bfloat16), in warp grids.
+"""FlashAttention backward pass on tensor cores, in warp grids: float16 and bfloat16
+on m16n8k16, float32 on tf32 m16n8k8 (one product, or three for float32 accuracy:
+see TF32 in ``build_backward_mma``).
 
 The algorithm of ``backward.py`` (and ``reference/tiled.py::flash_backward``) in the
 FlashAttention-2 arrangement. One thread block per (key tile, kv head, batch) keeps
@@ -30,7 +32,8 @@ Warp (w1, w2) of a W1 x W2 grid owns the blocks (w1 + W1 a, w2 + W2 b): interlea
 so that the swizzle's XOR never carries between a warp's origin and its steps
 (``make_steps``), whatever the tile widths.
 
-P and dS are formed from float32 P, as FlashAttention-2 does: P rounded to 16 bits
+P and dS are formed from float32 P, as FlashAttention-2 does (for tf32 they stay
+float32 in shared memory): P rounded to 16 bits
 (as dV's product takes it) would add its rounding to dS's and double dQ's error.
 softmax_scale is applied to dS before it is rounded to 16 bits for the dK and dQ
 products: dP alone can exceed the float16 range when the values are large
@@ -58,11 +61,13 @@ from .forward_mma import make_mma_tile_ops
 
 @functools.lru_cache(maxsize=None)
 def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
-                       deterministic: bool = False):
+                       deterministic: bool = False, passes: int = 1):
     """The tensor-core backward kernel
     ``(q, k, v, dout, stats, dq_accum, dk, dv, scale, scale_log2)``.
 
-    q, k, v, dout are uint16 views; dk, dv in their storage type; stats float32
+    q, k, v, dout are uint16 views (float32 for ``dtype_name`` float32, which runs
+    on tf32 products with ``passes`` 1 or 3 as ``build_forward_mma``; see TF32 below);
+    dk, dv in their storage type; stats float32
     (batch, nheads, 2, seqlen_q rounded up to block_m), see ``build_stats``; dq_accum
     float32 like q, or (splits * batch, ...) for the deterministic mode (grid x =
     splits, see kernels/backward.py), its head dim rounded up to a multiple of 8.
@@ -70,10 +75,17 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     threads and ``cfg.backward_shared_bytes`` bytes of dynamic shared memory.
     """
     cfg.check_backward()
+    TF32 = dtype_name == "float32"
+    assert passes in ((1, 3) if TF32 else (1,)), (dtype_name, passes)
+    assert cfg.element_bytes == (4 if TF32 else 2), (cfg, dtype_name)
+    SPLIT = passes == 3
+    ES = cfg.element_bytes           # bytes per element of every shared tile
+    EC = 16 // ES                    # elements per 16 bytes: one ldmatrix row
+    KW = 2 * EC                      # the mma's k: 16 16-bit values or 8 tf32
     BM, BN, D, NT = cfg.block_m, cfg.block_n, cfg.head_dim, cfg.threads
-    KD = D // 16                     # k-steps over the head dim (S, dP)
-    KQ = BM // 16                    # k-steps over the queries (dV, dK)
-    KK = BN // 16                    # k-steps over the keys (dQ)
+    KD = D // KW                     # k-steps over the head dim (S, dP)
+    KQ = BM // KW                    # k-steps over the queries (dV, dK)
+    KK = BN // KW                    # k-steps over the keys (dQ)
     CAUSAL = causal
     key_tiles = make_key_tile_schedule(deterministic, BN)
     ZERO = np.float32(0.0)
@@ -88,13 +100,13 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     QA1, QA2 = BM // (16 * QW1), D // (16 * QW2)       # queries, head dim
     SN, KN, QN = 2 * SA2, 2 * KA2, 2 * QA2             # their 8-column n-tiles
 
-    # Shared memory, in 16-bit elements: K, V, two stages of (Q, dO), P, dS, then two
-    # stages of the float32 rows (lse log2 e, then scale Delta). Stage s of Q is at
+    # Shared memory, in elements of ES bytes: K, V, two stages of (Q, dO), P, dS, then
+    # two stages of the float32 rows (lse log2 e, then scale Delta). Stage s of Q is at
     # OFF_Q + s * QSTAGE, its dO at OFF_DO + s * QSTAGE, its rows at float s * RSTAGE.
     # Tiles are swizzled (forward_mma.make_mma_tile_ops): K, V, Q, dO rows of
     # cfg.row elements, P and dS rows (queries) of PROW elements (keys).
     ROW = cfg.row
-    PROW = tile_row(BN, 2)
+    PROW = tile_row(BN, ES)
     QSTAGE = 2 * BM * ROW
     RSTAGE = 2 * BM
     OFF_K = 0
@@ -104,7 +116,7 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     OFF_P = OFF_Q + 2 * QSTAGE
     OFF_DS = OFF_P + BM * PROW
     OFF_ROWS = OFF_DS + BM * PROW
-    assert OFF_ROWS * 2 + 2 * RSTAGE * 4 == cfg.backward_shared_bytes
+    assert OFF_ROWS * ES + 2 * RSTAGE * 4 == cfg.backward_shared_bytes
     ROW_CHUNKS = BM // 4              # 16-byte chunks of one statistic's rows
     assert 2 * ROW_CHUNKS <= NT, cfg
 
@@ -113,95 +125,193 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     load_q = make_loader(BM)
     # Byte offsets of the tiles; make_steps wants each at a multiple of 128 bytes.
     K_AT, V_AT, Q_AT, DO_AT, P_AT, DS_AT = (
-        2 * x for x in (OFF_K, OFF_V, OFF_Q, OFF_DO, OFF_P, OFF_DS))
-    assert all(x % 128 == 0 for x in (K_AT, V_AT, Q_AT, DO_AT, P_AT, DS_AT, 2 * QSTAGE)), cfg
+        ES * x for x in (OFF_K, OFF_V, OFF_Q, OFF_DO, OFF_P, OFF_DS))
+    assert all(x % 128 == 0 for x in (K_AT, V_AT, Q_AT, DO_AT, P_AT, DS_AT, ES * QSTAGE)), cfg
+
+    # TF32. An ldmatrix x4 reads four 8 x 16-byte matrices, whatever the element
+    # size: of a float32 tile stored (m or n rows) x (k columns), that is exactly a
+    # tf32 A fragment (16 x 8) or the B fragments of two n-tiles, so the operands
+    # read in their stored orientation (S, dP, and dQ's dS) load as in 16 bits, with
+    # 16-byte column steps of 4 elements. ldmatrix's transposing form moves 16-bit
+    # values and cannot transpose 32-bit ones: the operands read across their
+    # stored orientation (P^T, dS^T, dO, Q and dQ's K) take one 32-bit load per
+    # register (``load_across``). A sum over k may take its k values in any order
+    # as long as A and B agree: these loads take k slots t and t + 4 (t = lane % 4)
+    # from rows 2t and 2t + 1, whose swizzled addresses fall in 32 different banks
+    # (rows t and t + 4 share banks two by two). For dQ = dS K, whose dS is read
+    # along its rows by ldmatrix, P and dS are stored with each 8 keys' columns in
+    # the order 0 2 4 6 1 3 5 7 (``key_slot``), so that ldmatrix's k slots t, t + 4
+    # are keys 2t, 2t + 1 too.
+    def key_slot(key):
+        """Column of ``key`` in the stored P and dS tiles (tf32; 16-bit: itself)."""
+        if not TF32:
+            return key
+        r = key % 8
+        return key - r + (r >> 1) + 4 * (r & 1)
 
     def operand(width, rows, cols, w1s, w2s):
         """make_steps for an ldmatrix x4 operand pattern (see ``lane_rc``): the
         warp's origin is (16 w1, 16 w2) for w1 in ``w1s``, w2 in ``w2s``; ``rows`` and
         ``cols`` list the steps' (row, column) offsets."""
         lane_rows = [16 * w + 8 * x + r for w in w1s for x in (0, 1) for r in range(8)]
-        lane_cols = [16 * w + 8 * x for w in w2s for x in (0, 1)]
+        lane_cols = [16 * w + EC * x for w in w2s for x in (0, 1)]
         return make_steps(width, lane_rows, lane_cols, list(zip(rows, cols)))
+
+    def across(width, rows, cols, w2s, slots):
+        """make_steps for ``load_across``: the lane reads row 2t of k-step 0 and
+        column slot(16 w2 + g) of n-block 0; step (kk, block, j, dc) adds rows
+        KW kk + j and columns ``cols`` + dc, j, dc/8 in {0, 1}."""
+        lane_rows = [2 * t for t in range(4)]
+        lane_cols = [slots(16 * w + g) for w in w2s for g in range(8)]
+        return make_steps(width, lane_rows, lane_cols,
+                          [(R + j, C + dc) for R, C in zip(rows, cols)
+                           for j in (0, 1) for dc in (0, 8)])
 
     @device
     def lane_rc(lane, w1, w2):
         """(row, column) of this lane's first ldmatrix x4 address in a block at
         (16 w1, 16 w2): lane (mat, r8) = (lane >> 3, lane & 7) reads row 8 (mat & 1) + r8,
-        column 8 (mat >> 1). Those are the A fragment's four 8 x 8 matrices of a
-        row-major tile, and the B fragments of two 8-column n-tiles of a tile stored
-        k-major (read transposed)."""
+        column EC (mat >> 1). Those are the A fragment's four 8 x 16-byte matrices of
+        a row-major tile, and the B fragments of two 8-column n-tiles of a tile
+        stored k-major (read transposed, 16 bits only)."""
         mat = lane >> 3
-        return 16 * w1 + 8 * (mat & 1) + (lane & 7), 16 * w2 + 8 * (mat >> 1)
+        return 16 * w1 + 8 * (mat & 1) + (lane & 7), 16 * w2 + EC * (mat >> 1)
 
     @device
     def lane_rc_swapped(lane, w1, w2):
-        """The other order, row 8 (mat >> 1) + r8, column 8 (mat & 1): the B fragments
+        """The other order, row 8 (mat >> 1) + r8, column EC (mat & 1): the B fragments
         of two n-tiles of a tile stored n-major, and the A fragment of a tile stored
-        k-major (read transposed)."""
+        k-major (read transposed, 16 bits only)."""
         mat = lane >> 3
-        return 16 * w1 + 8 * (mat >> 1) + (lane & 7), 16 * w2 + 8 * (mat & 1)
+        return 16 * w1 + 8 * (mat >> 1) + (lane & 7), 16 * w2 + EC * (mat & 1)
+
+    @device
+    def lane_across(lane, w2, slotted):
+        """(row, column) of this lane's first ``load_across`` address: row 2t,
+        column slot(16 w2 + g) (the key slot for P and dS, else the column)."""
+        g = lane >> 2
+        col = 16 * w2 + g
+        if slotted:
+            col = col - g + (g >> 1) + 4 * (g & 1)
+        return 2 * (lane & 3), col
 
     # Steps are numbered (k-step, block): index kk * A + a.
     # S = Q K^T, dP = dO V^T. A: Q rows (queries) by head-dim columns; B: K rows (keys).
     s_a = operand(D, [16 * SW1 * a for kk in range(KD) for a in range(SA1)],
-                  [16 * kk for kk in range(KD) for a in range(SA1)], range(SW1), [0])
+                  [KW * kk for kk in range(KD) for a in range(SA1)], range(SW1), [0])
     s_b = operand(D, [16 * SW2 * b for kk in range(KD) for b in range(SA2)],
-                  [16 * kk for kk in range(KD) for b in range(SA2)], range(SW2), [0])
+                  [KW * kk for kk in range(KD) for b in range(SA2)], range(SW2), [0])
     # dV = P^T dO, dK = dS^T Q. A: P^T read transposed from P (rows queries, columns
     # keys); B: dO (rows queries, head-dim columns) read transposed.
-    kv_a = operand(BN, [16 * kk for kk in range(KQ) for a in range(KA1)],
-                   [16 * KW1 * a for kk in range(KQ) for a in range(KA1)], [0], range(KW1))
-    kv_b = operand(D, [16 * kk for kk in range(KQ) for b in range(KA2)],
-                   [16 * KW2 * b for kk in range(KQ) for b in range(KA2)], [0], range(KW2))
+    kv_rows_a = [KW * kk for kk in range(KQ) for a in range(KA1)]
+    kv_cols_a = [16 * KW1 * a for kk in range(KQ) for a in range(KA1)]
+    kv_rows_b = [KW * kk for kk in range(KQ) for b in range(KA2)]
+    kv_cols_b = [16 * KW2 * b for kk in range(KQ) for b in range(KA2)]
     # dQ = dS K. A: dS (rows queries, columns keys); B: K (rows keys) read transposed.
     q_a = operand(BN, [16 * QW1 * a for kk in range(KK) for a in range(QA1)],
-                  [16 * kk for kk in range(KK) for a in range(QA1)], range(QW1), [0])
-    q_b = operand(D, [16 * kk for kk in range(KK) for b in range(QA2)],
-                  [16 * QW2 * b for kk in range(KK) for b in range(QA2)], [0], range(QW2))
+                  [KW * kk for kk in range(KK) for a in range(QA1)], range(QW1), [0])
+    q_rows_b = [KW * kk for kk in range(KK) for b in range(QA2)]
+    q_cols_b = [16 * QW2 * b for kk in range(KK) for b in range(QA2)]
+    if TF32:
+        kv_a = across(BN, kv_rows_a, kv_cols_a, range(KW1), key_slot)
+        kv_b = across(D, kv_rows_b, kv_cols_b, range(KW2), lambda c: c)
+        q_b = across(D, q_rows_b, q_cols_b, range(QW2), lambda c: c)
+    else:
+        kv_a = operand(BN, kv_rows_a, kv_cols_a, [0], range(KW1))
+        kv_b = operand(D, kv_rows_b, kv_cols_b, [0], range(KW2))
+        q_b = operand(D, q_rows_b, q_cols_b, [0], range(QW2))
     s_a_lane_at, s_b_lane_at, kv_a_lane_at, kv_b_lane_at, q_a_lane_at, q_b_lane_at = (
         x[0] for x in (s_a, s_b, kv_a, kv_b, q_a, q_b))
     # P and dS stores: this thread's pair (row g + 8 rh, columns 2t, 2t + 1) of n-tile
-    # 2 b + half of block (a, b), numbered ((a * A2 + b) * 2 + half) * 2 + rh.
+    # 2 b + half of block (a, b), numbered ((a * A2 + b) * 2 + half) * 2 + rh; for
+    # tf32 each value apart, at its key slot (columns t and t + 4 of the 8), numbered
+    # (((a * A2 + b) * 2 + half) * 2 + rh) * 2 + j.
     st_lane, ST_HI, ST_LO = make_steps(
         BN, [16 * w + g for w in range(SW1) for g in range(8)],
-        [16 * w + 2 * t for w in range(SW2) for t in range(4)],
-        [(16 * SW1 * a + 8 * rh, 16 * SW2 * b + 8 * half)
-         for a in range(SA1) for b in range(SA2) for half in range(2) for rh in range(2)])
+        [16 * w + (1 if TF32 else 2) * t for w in range(SW2) for t in range(4)],
+        [(16 * SW1 * a + 8 * rh, 16 * SW2 * b + 8 * half + 4 * j)
+         for a in range(SA1) for b in range(SA2) for half in range(2) for rh in range(2)
+         for j in ((0, 1) if TF32 else (0,))])
     _, from_acc = element_codec(dtype_name)
     F32 = from_dtype(np.float32)
 
+    @device
+    def tf32_split(bits):
+        """A float32 operand's tf32 value (``big``) and, for 3xTF32, the tf32 rounding
+        of its remainder (``small``; else big again)."""
+        big = ops.to_tf32(ops.u32_as_f32(bits))
+        if SPLIT:
+            return big, ops.to_tf32(ops.u32_as_f32(bits) - ops.u32_as_f32(big))
+        return big, big
+
+    def make_load(trans, HI, LO):
+        """``load(lane_at, i, smem_base)``: four registers of step i, by one ldmatrix
+        x4 or, across a tf32 tile, four 32-bit loads at (row, column) + (j, 8 dc)
+        into register 2 j + dc. That is the A fragment's order (a0..a3: rows g, g + 8
+        at k slot t, then at t + 4); a B block wants (n-tile 0's b0, b1, n-tile 1's),
+        see B_ORDER."""
+        if TF32 and trans:
+            def load(lane_at, i, smem_base):
+                return (ops.ld_shared_u32(smem_base + ((lane_at ^ LO[4 * i]) + HI[4 * i])),
+                        ops.ld_shared_u32(smem_base + ((lane_at ^ LO[4 * i + 1]) + HI[4 * i + 1])),
+                        ops.ld_shared_u32(smem_base + ((lane_at ^ LO[4 * i + 2]) + HI[4 * i + 2])),
+                        ops.ld_shared_u32(smem_base + ((lane_at ^ LO[4 * i + 3]) + HI[4 * i + 3])))
+        elif trans:
+            def load(lane_at, i, smem_base):
+                return ops.ldmatrix_x4_trans(smem_base + ((lane_at ^ LO[i]) + HI[i]))
+        else:
+            def load(lane_at, i, smem_base):
+                return ops.ldmatrix_x4(smem_base + ((lane_at ^ LO[i]) + HI[i]))
+        return device(load)
+
     def make_product(A1, A2, KSTEPS, a_ops, b_ops, a_trans, b_trans):
         """``product(acc, a_lane, b_lane, smem_base)``: acc[a, 2 b + half] += the
-        warp's blocks of A B over KSTEPS k-steps of 16. ``a_lane`` and ``b_lane`` are
+        warp's blocks of A B over KSTEPS k-steps of KW. ``a_lane`` and ``b_lane`` are
         the lane's byte offsets of its first A and B fragments (tile included); A is
         loaded for all A1 blocks and B for all A2 blocks of a k-step before its
-        A1 x A2 x 2 mma."""
-        _, A_HI, A_LO = a_ops
-        _, B_HI, B_LO = b_ops
-        load_a = ops.ldmatrix_x4_trans if a_trans else ops.ldmatrix_x4
-        load_b = ops.ldmatrix_x4_trans if b_trans else ops.ldmatrix_x4
+        A1 x A2 x 2 mma (three each for 3xTF32: small A x big B, big A x small B,
+        then big x big, the small terms first while the sum is small)."""
+        load_a = make_load(a_trans, *a_ops[1:])
+        load_b = make_load(b_trans, *b_ops[1:])
+        # B registers in the order the mma takes them (n-tile 0's b0, b1, then n-tile
+        # 1's): ldmatrix gives that order, load_across gives (j, dc) order.
+        B_ORDER = (0, 2, 1, 3) if TF32 and b_trans else (0, 1, 2, 3)
 
-        def a_step(a, kk, af, a_lane, smem_base):
-            i = kk * A1 + a
-            x = load_a(smem_base + ((a_lane ^ A_LO[i]) + A_HI[i]))
+        def a_step(a, kk, af, al, a_lane, smem_base):
+            x = load_a(a_lane, kk * A1 + a, smem_base)
             for r in range(4):
-                af[a, r] = x[r]
+                if TF32:
+                    big, small = tf32_split(x[r])
+                    af[a, r] = big
+                    if SPLIT:
+                        al[a, r] = small
+                else:
+                    af[a, r] = x[r]
 
-        def b_step(b, kk, bf, b_lane, smem_base):
-            i = kk * A2 + b
-            x = load_b(smem_base + ((b_lane ^ B_LO[i]) + B_HI[i]))
+        def b_step(b, kk, bf, bl, b_lane, smem_base):
+            x = load_b(b_lane, kk * A2 + b, smem_base)
             for r in range(4):
-                bf[b, r] = x[r]
+                if TF32:
+                    big, small = tf32_split(x[B_ORDER[r]])
+                    bf[b, r] = big
+                    if SPLIT:
+                        bl[b, r] = small
+                else:
+                    bf[b, r] = x[B_ORDER[r]]
 
-        def mma_step(ab, acc, af, bf):
+        def mma_step(ab, acc, af, al, bf, bl):
             a = ab // A2
             b = ab - a * A2
             for half in range(2):
                 n = 2 * b + half
+                c = (acc[a, n, 0], acc[a, n, 1], acc[a, n, 2], acc[a, n, 3])
+                if SPLIT:
+                    c = mma(al[a, 0], al[a, 1], al[a, 2], al[a, 3], bf[b, 2 * half],
+                            bf[b, 2 * half + 1], c[0], c[1], c[2], c[3])
+                    c = mma(af[a, 0], af[a, 1], af[a, 2], af[a, 3], bl[b, 2 * half],
+                            bl[b, 2 * half + 1], c[0], c[1], c[2], c[3])
                 c = mma(af[a, 0], af[a, 1], af[a, 2], af[a, 3], bf[b, 2 * half],
-                        bf[b, 2 * half + 1], acc[a, n, 0], acc[a, n, 1], acc[a, n, 2],
-                        acc[a, n, 3])
+                        bf[b, 2 * half + 1], c[0], c[1], c[2], c[3])
                 for r in range(4):
                     acc[a, n, r] = c[r]
 
@@ -212,9 +322,11 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
         def k_step(kk, acc, a_lane, b_lane, smem_base):
             af = cuda.local.array((A1, 4), np.uint32)
             bf = cuda.local.array((A2, 4), np.uint32)
-            a_steps(kk, af, a_lane, smem_base)
-            b_steps(kk, bf, b_lane, smem_base)
-            mma_steps(acc, af, bf)
+            al = cuda.local.array((A1 if SPLIT else 1, 4), np.uint32)
+            bl = cuda.local.array((A2 if SPLIT else 1, 4), np.uint32)
+            a_steps(kk, af, al, a_lane, smem_base)
+            b_steps(kk, bf, bl, b_lane, smem_base)
+            mma_steps(acc, af, al, bf, bl)
 
         return static_loop(KSTEPS, device(k_step))
 
@@ -240,7 +352,7 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
         if tid < 2 * ROW_CHUNKS:
             which = tid // ROW_CHUNKS          # 0: lse log2 e, 1: scale Delta
             chunk = tid - which * ROW_CHUNKS
-            dst = smem_base + 2 * OFF_ROWS + 4 * (stage * RSTAGE + which * BM + 4 * chunk)
+            dst = smem_base + ES * OFF_ROWS + 4 * (stage * RSTAGE + which * BM + 4 * chunk)
             ops.cp_async_16(dst, ops.global_addr(stats, b, h, which, m0 + 4 * chunk),
                             np.uint32(16))
 
@@ -295,15 +407,22 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     ds_steps = static_loop(SA1 * SN, device(ds_step))
 
     def store_step(ab, x, at, smem_base):
-        """Block (a, b) of x, rounded to 16 bits, into a P-shaped tile."""
+        """Block (a, b) of x, rounded to 16 bits (tf32: float32, at the key slots),
+        into a P-shaped tile."""
         a = ab // SA2
         b = ab - a * SA2
         for half in range(2):
             n = 2 * b + half
             for rh in range(2):
                 i = (ab * 2 + half) * 2 + rh
-                ops.st_shared_u32(smem_base + ((at ^ ST_LO[i]) + ST_HI[i]),
-                                  pack(x[a, n, 2 * rh], x[a, n, 2 * rh + 1]))
+                if TF32:
+                    for j in range(2):
+                        ops.st_shared_u32(
+                            smem_base + ((at ^ ST_LO[2 * i + j]) + ST_HI[2 * i + j]),
+                            ops.f32_as_u32(x[a, n, 2 * rh + j]))
+                else:
+                    ops.st_shared_u32(smem_base + ((at ^ ST_LO[i]) + ST_HI[i]),
+                                      pack(x[a, n, 2 * rh], x[a, n, 2 * rh + 1]))
 
     store_tile = static_loop(SA1 * SA2, device(store_step))
 
@@ -383,7 +502,7 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
         t = lane & 3
         key0 = n0 + 16 * w1 + g
         col0 = 16 * w2 + 2 * t
-        if out.shape[3] == D:
+        if not TF32 and out.shape[3] == D:
             base = ops.global_addr(out, b, key0, h_kv, 0) + np.uint64(2 * col0)
             store_pairs(acc, base, np.uint64(8 * out.strides[1]),
                         np.int32(seqlen_k) - np.int32(key0))
@@ -396,9 +515,10 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     mask_scores_d = device(mask_scores)
     U16 = from_dtype(np.uint16)
 
-    @kernel(f"backward_mma_{dtype_name}_{config_name(cfg)}_"
+    precision = f"_tf32x{passes}" if TF32 else ""
+    @kernel(f"backward_mma_{dtype_name}{precision}_{config_name(cfg)}_"
             f"{'causal' if causal else 'full'}" + ("_deterministic" if deterministic else ""),
-            (cfg, dtype_name, causal, deterministic), lineinfo=True)
+            (cfg, dtype_name, causal, deterministic, passes), lineinfo=True)
     def backward_mma(q, k, v, dout, stats, dq_accum, dk, dv, scale, scale_log2):
         h_kv = cuda.blockIdx.y
         b = cuda.blockIdx.z
@@ -424,19 +544,27 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
         s_a_lane = s_a_lane_at(r, c)
         r, c = lane_rc_swapped(lane, s2, 0)
         s_b_lane = s_b_lane_at(r, c)
-        r, c = lane_rc_swapped(lane, 0, k1)
-        kv_a_lane = kv_a_lane_at(r, c)
-        r, c = lane_rc(lane, 0, k2)
-        kv_b_lane = kv_b_lane_at(r, c)
+        if TF32:
+            r, c = lane_across(lane, k1, True)
+            kv_a_lane = kv_a_lane_at(r, c)
+            r, c = lane_across(lane, k2, False)
+            kv_b_lane = kv_b_lane_at(r, c)
+            r, c = lane_across(lane, q2, False)
+            q_b_lane = q_b_lane_at(r, c)
+        else:
+            r, c = lane_rc_swapped(lane, 0, k1)
+            kv_a_lane = kv_a_lane_at(r, c)
+            r, c = lane_rc(lane, 0, k2)
+            kv_b_lane = kv_b_lane_at(r, c)
+            r, c = lane_rc(lane, 0, q2)
+            q_b_lane = q_b_lane_at(r, c)
         r, c = lane_rc(lane, q1, 0)
         q_a_lane = q_a_lane_at(r, c)
-        r, c = lane_rc(lane, 0, q2)
-        q_b_lane = q_b_lane_at(r, c)
-        st_at = st_lane(16 * s1 + (lane >> 2), 16 * s2 + 2 * (lane & 3))
+        st_at = st_lane(16 * s1 + (lane >> 2), 16 * s2 + (1 if TF32 else 2) * (lane & 3))
 
         smem = cuda.shared.array(0, U16)
         smem_base = ops.smem_addr(smem, 0)
-        rows_f32 = cuda.shared.array(0, F32)[OFF_ROWS // 2:OFF_ROWS // 2 + 2 * RSTAGE]
+        rows_f32 = cuda.shared.array(0, F32)[OFF_ROWS * ES // 4:OFF_ROWS * ES // 4 + 2 * RSTAGE]
 
         dk_acc = cuda.local.array((KA1, KN, 4), np.float32)
         dv_acc = cuda.local.array((KA1, KN, 4), np.float32)
@@ -469,7 +597,7 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
             for it in range(total):
                 m0 = m_block * BM
                 stage = it & 1
-                qs = stage * (2 * QSTAGE)      # bytes
+                qs = stage * (ES * QSTAGE)     # bytes
                 rs = stage * RSTAGE
                 ops.cp_async_wait(0)
                 cuda.syncthreads()         # tile it has landed; tile it-1's stage, P, dS are free

@@ -112,7 +112,13 @@ _exchanges = weakref.WeakKeyDictionary()     # block manager -> {warp: (barrier,
 
 
 def _warp_all(value):
-    """(lane, values of all 32 lanes); every lane of the warp must call it."""
+    """(lane, values of all 32 lanes); every lane of the warp must call it.
+
+    One barrier per exchange: the slots alternate between two lists, call by call. A
+    lane that has passed call n's barrier writes call n + 1's list, which nobody
+    reads any more (every lane reached call n's barrier after reading call n - 1's,
+    the same list), and cannot pass call n + 1's barrier before all lanes have read
+    call n's."""
     th = threading.current_thread()
     warp, lane = divmod(th.thread_id, 32)
     with _lock:
@@ -120,13 +126,14 @@ def _warp_all(value):
         if warp not in per_block:
             n_threads = int(np.prod(th._manager._block_dim))
             per_block[warp] = (threading.Barrier(min(32, n_threads - 32 * warp), timeout=120),
-                               [None] * 32)
-    barrier, slots = per_block[warp]
+                               ([None] * 32, [None] * 32))
+    barrier, both = per_block[warp]
+    parity = getattr(th, "_nbflash_exchanges", 0)
+    th._nbflash_exchanges = parity ^ 1
+    slots = both[parity]
     slots[lane] = value
     barrier.wait()
-    values = list(slots)
-    barrier.wait()
-    return lane, values
+    return lane, list(slots)
 
 
 def shfl_xor(value, lane_mask):
@@ -176,19 +183,33 @@ def _lane_result(d, lane, c0, c1, c2, c3):
             f(d[g + 8, 2 * t] + c2), f(d[g + 8, 2 * t + 1] + c3))
 
 
+# Fragment positions, lane by lane: lane (g, t) = (lane >> 2, lane & 3).
+_G = np.arange(32) >> 2
+_T = np.arange(32) & 3
+
+
+def _halves_all(u, kind):
+    """The two 16-bit values of each uint32 in ``u``, as float64 (..., 2): low first."""
+    u = u.astype(np.uint32)
+    halves = np.stack([u & 0xFFFF, u >> 16], axis=-1)
+    if kind == "f16":
+        return halves.astype(np.uint16).view(np.float16).astype(np.float64)
+    return (halves << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+
+
 def _make_mma(kind):
     def mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
         lane, regs = _warp_all((a0, a1, a2, a3, b0, b1))
+        h = _halves_all(np.array(regs, dtype=np.uint64), kind)     # (32 lanes, 6, 2)
         a = np.zeros((16, 16))
         b = np.zeros((16, 8))
-        for ln, (r0, r1, r2, r3, s0, s1) in enumerate(regs):
-            g, t = ln >> 2, ln & 3
-            a[g, 2 * t:2 * t + 2] = _halves(r0, kind)
-            a[g + 8, 2 * t:2 * t + 2] = _halves(r1, kind)
-            a[g, 2 * t + 8:2 * t + 10] = _halves(r2, kind)
-            a[g + 8, 2 * t + 8:2 * t + 10] = _halves(r3, kind)
-            b[2 * t:2 * t + 2, g] = _halves(s0, kind)
-            b[2 * t + 8:2 * t + 10, g] = _halves(s1, kind)
+        for j in range(2):
+            a[_G, 2 * _T + j] = h[:, 0, j]
+            a[_G + 8, 2 * _T + j] = h[:, 1, j]
+            a[_G, 2 * _T + 8 + j] = h[:, 2, j]
+            a[_G + 8, 2 * _T + 8 + j] = h[:, 3, j]
+            b[2 * _T + j, _G] = h[:, 4, j]
+            b[2 * _T + 8 + j, _G] = h[:, 5, j]
         return _lane_result(a @ b, lane, c0, c1, c2, c3)
     return mma
 
@@ -204,13 +225,14 @@ def _tf32_value(u):
 
 def mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
     lane, regs = _warp_all((a0, a1, a2, a3, b0, b1))
+    # What the tensor core reads of each tf32 register: its upper 19 bits.
+    r = (np.array(regs, dtype=np.uint64) & 0xFFFFE000).astype(np.uint32).view(np.float32)
+    r = r.astype(np.float64)                                         # (32 lanes, 6)
     a = np.zeros((16, 8))
     b = np.zeros((8, 8))
-    for ln, (r0, r1, r2, r3, s0, s1) in enumerate(regs):
-        g, t = ln >> 2, ln & 3
-        a[g, t], a[g + 8, t] = _tf32_value(r0), _tf32_value(r1)
-        a[g, t + 4], a[g + 8, t + 4] = _tf32_value(r2), _tf32_value(r3)
-        b[t, g], b[t + 4, g] = _tf32_value(s0), _tf32_value(s1)
+    a[_G, _T], a[_G + 8, _T] = r[:, 0], r[:, 1]
+    a[_G, _T + 4], a[_G + 8, _T + 4] = r[:, 2], r[:, 3]
+    b[_T, _G], b[_T + 4, _G] = r[:, 4], r[:, 5]
     return _lane_result(a @ b, lane, c0, c1, c2, c3)
 
 
