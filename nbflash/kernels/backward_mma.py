@@ -55,7 +55,7 @@ from numba import cuda, from_dtype
 from .. import ops
 from ..config import BackwardMmaConfig, tile_row
 from .common import (NEG_INF, config_name, device, element_codec, kernel, make_key_tile_schedule,
-                     query_tile_range, static_loop, tile_needs_mask)
+                     query_tile_range, static_loop, tf32_split_rounding, tile_needs_mask)
 from .forward_mma import make_mma_tile_ops
 
 
@@ -235,13 +235,17 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     _, from_acc = element_codec(dtype_name)
     F32 = from_dtype(np.float32)
 
+    # One product rounds as documented (ties away, as reference.tf32_round); the
+    # split may round any way, and takes the native instruction where there is one.
+    to_tf32 = tf32_split_rounding() if SPLIT else ops.to_tf32
+
     @device
     def tf32_split(bits):
         """A float32 operand's tf32 value (``big``) and, for 3xTF32, the tf32 rounding
         of its remainder (``small``; else big again)."""
-        big = ops.to_tf32(ops.u32_as_f32(bits))
+        big = to_tf32(ops.u32_as_f32(bits))
         if SPLIT:
-            return big, ops.to_tf32(ops.u32_as_f32(bits) - ops.u32_as_f32(big))
+            return big, to_tf32(ops.u32_as_f32(bits) - ops.u32_as_f32(big))
         return big, big
 
     def make_load(trans, HI, LO):

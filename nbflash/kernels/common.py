@@ -145,6 +145,20 @@ query_tile_range = device(block_info.query_tile_range)
 tile_needs_mask = device(block_info.tile_needs_mask)
 
 
+def tf32_split_rounding():
+    """The rounding for 3xTF32's split into tf32 parts (its mode does not matter, only
+    that each part is a tf32 value): ``ops.to_tf32_rn``, one instruction, where the
+    GPU has it (compute capability 9.0 and later; assumed so when no GPU answers,
+    as when compiling offline for sm_90), else ``ops.to_tf32``."""
+    if ops.SIMULATOR:
+        return ops.to_tf32_rn
+    try:
+        cc = cuda.get_current_device().compute_capability
+    except Exception:
+        cc = (9, 0)
+    return ops.to_tf32_rn if cc >= (9, 0) else ops.to_tf32
+
+
 def element_codec(dtype_name):
     """Device functions ``(to_acc, from_acc)`` converting one stored element.
 

@@ -35,7 +35,7 @@ from .. import ops
 from ..config import MmaConfig, tile_row
 from .common import (LN2, NEG_INF, config_name, device, element_codec, kernel,
                      key_tile_range, make_query_tile_order, static_loop,
-                     tile_needs_mask)
+                     tf32_split_rounding, tile_needs_mask)
 
 
 def make_mma_tile_ops(cfg: MmaConfig, dtype_name: str):
@@ -256,16 +256,21 @@ def build_forward_mma(cfg: MmaConfig, dtype_name: str, causal: bool, passes: int
             D, range(16), [0, 8], [(kk * 16, dt2 * 16) for kk in range(KP) for dt2 in range(DT // 2)])
     _, from_acc = element_codec(dtype_name)
 
+    # One product rounds as documented (ties away, as reference.tf32_round); the
+    # 3xTF32 split may round any way, and takes the native instruction where there is
+    # one (common.tf32_split_rounding).
+    to_tf32 = tf32_split_rounding() if SPLIT else ops.to_tf32
+
     @device
     def operand(bits):
         """One register of an mma operand from raw loaded bits: tf32-rounded for float32
         (16-bit values are used as loaded)."""
-        return ops.to_tf32(ops.u32_as_f32(bits)) if TF32 else bits
+        return to_tf32(ops.u32_as_f32(bits)) if TF32 else bits
 
     @device
     def remainder(bits, big):
         """The tf32 rounding of (value - big): the 3xTF32 split's small part."""
-        return ops.to_tf32(ops.u32_as_f32(bits) - ops.u32_as_f32(big))
+        return to_tf32(ops.u32_as_f32(bits) - ops.u32_as_f32(big))
 
     def load_q_fragment(qf, ql, kk, smem_base, warp, lane):
         """Q's A-fragments for k-step kk (KW head-dim columns) of this warp's rows (and

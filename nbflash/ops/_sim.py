@@ -20,7 +20,7 @@ __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr"
            "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16",
            "cp_async_16_or_zero", "cp_async_commit", "cp_async_wait", "shfl_xor",
            "st_shared_u32", "ld_shared_u32", "st_global_u32", "red_add_f32x2", "mma_tf32",
-           "to_tf32"]
+           "to_tf32", "to_tf32_rn"]
 
 
 def smem_view2d(arr, offset, rows, cols):
@@ -241,6 +241,14 @@ def to_tf32(x):
     if (u & 0x7F800000) == 0x7F800000:       # inf and NaN keep their bits
         return np.uint32(u)
     return np.uint32(((u + 0x1000) & 0xFFFFE000) & 0xFFFFFFFF)
+
+
+def to_tf32_rn(x):
+    u = int(np.float32(x).view(np.uint32))
+    if (u & 0x7F800000) == 0x7F800000:
+        return np.uint32(u)
+    odd = (u >> 13) & 1                       # ties go to the even neighbour
+    return np.uint32(((u + 0xFFF + odd) & 0xFFFFE000) & 0xFFFFFFFF)
 
 
 def pack_f16x2(lo, hi):
