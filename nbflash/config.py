@@ -284,10 +284,14 @@ FORWARD_TF32X3_TILES = {
 }
 SIMULATOR_TF32_TILE = {d: MmaConfig(16, 16, d, 1, element_bytes=4) for d in HEAD_DIM_BUCKETS}
 #: float32 backward tiles on tf32 tensor cores, float32 tiles in shared memory (twice
-#: the bytes of the 16-bit tables' tiles, so 64 keys where those take 128; head dims
-#: 96 and 128 use 225 KB of the 227 KB a block may have). Head dim 256 has no shape
-#: that fits: its float32 K and V alone are 128 KB at 64 keys, and it runs the SIMT
-#: backward.
+#: the bytes of the 16-bit tables' tiles, so 64 queries and mostly 64 keys where those
+#: take 128; head dim 128 uses 225 KB of the 227 KB a block may have). Head dim 256
+#: has no shape that fits: its float32 K and V alone are 128 KB at 64 keys, and it runs
+#: the SIMT backward. First shapes that fit and compile spill-free for 3xTF32 (nvJitLink
+#: 13.5, sm_90: 250-255 registers), not yet measured against alternatives
+#: (``python -m benchmarks backward --dtype float32`` compares them); on the H100 they
+#: gave float32 forward + backward 1.52-2.01x of torch's efficient backend
+#: (README, thirteenth session).
 BACKWARD_TF32_TILES = {
     32: BackwardMmaConfig(64, 64, 32, 4, 2, 2, 2, element_bytes=4),
     64: BackwardMmaConfig(64, 128, 64, 8, 2, 4, 2, element_bytes=4),
