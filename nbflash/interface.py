@@ -280,16 +280,6 @@ def _data_ptr(x):
     return x.ctypes.data if isinstance(x, np.ndarray) else x.data.ptr
 
 
-def _pairs_ready(x):
-    """Whether the row kernels can read or write x (16-bit) as uint32 element pairs:
-    unit stride and an even size on the head dim, 4-byte aligned rows."""
-    if x.size == 0:
-        return False
-    if x.strides[3] != x.itemsize or x.shape[3] % 2 or _data_ptr(x) % 4:
-        return False
-    return all(stride % 4 == 0 for n, stride in zip(x.shape[:3], x.strides[:3]) if n > 1)
-
-
 #: The tensor-core kernels' tile copies form offsets within a tile (at most 256 rows)
 #: in 32 bits: a larger row stride, in bytes, goes through ``_chunk_copy``.
 MAX_ROW_STRIDE = 2 ** 31 // 256
@@ -417,24 +407,21 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     dq_accum = _empty((splits * batch,) + q.shape[1:3] + (acc_dim,), acc)
     rows_grid = (_cdiv(seqlen_q, ROWS_PER_BLOCK), nheads, batch)
     scale_acc, scale_log2 = acc(scale), acc(scale * LOG2E)
-    row_inputs = [_kernel_view(dout), _kernel_view(out)]
     if mma:
         # One buffer of (lse log2 e, scale Delta) per row, padded to whole query tiles.
         stats = _empty((batch, nheads, 2, _cdiv(seqlen_q, cfg.block_m) * cfg.block_m), acc)
-        # The pre-pass also zeroes dq_accum (acc_dim is even: complex64 pairs).
-        pairs = not tf32 and _pairs_ready(dout) and _pairs_ready(out)
-        if pairs:
-            row_inputs = [_kernel_view(x).view(np.uint32) for x in (dout, out)]
-        pre = get_kernel(("stats", name, pairs), lambda: build_stats(name, pairs),
-                         [array_type(np.uint32 if pairs else store, 4)] * 2
-                         + [array_type(acc, 3), array_type(acc, 4),
-                            array_type(np.complex64, 4), scalar_type(scale_acc)], 0)
-        pre((_cdiv(stats.shape[3], ROWS_PER_BLOCK), nheads, batch), (ROW_THREADS,),
-            row_inputs + [lse, stats, dq_accum.view(np.complex64), scale_acc])
         # The tensor-core kernel reads q, k, v, dout in the chunk layout (16-bit
-        # values as uint16).
+        # values as uint16); the pre-pass reads dout and out in 16-byte chunks too,
+        # and zeroes dq_accum (acc_dim is a multiple of 8).
         tile = np.float32 if tf32 else np.uint16
-        inputs = [_chunk_layout(x).view(tile) for x in (q, k, v, dout)] + [stats]
+        chunked = [_chunk_layout(x).view(tile) for x in (q, k, v, dout, out)]
+        pre = get_kernel(("stats", name), lambda: build_stats(name),
+                         [array_type(tile, 4)] * 2
+                         + [array_type(acc, 3), array_type(acc, 4),
+                            array_type(acc, 4), scalar_type(scale_acc)], 0)
+        pre((_cdiv(stats.shape[3], ROWS_PER_BLOCK), nheads, batch), (ROW_THREADS,),
+            chunked[3:] + [lse, stats, dq_accum, scale_acc])
+        inputs = chunked[:4] + [stats]
         kind = "backward_mma"
 
         def build(cfg, name, causal, deterministic):
@@ -445,7 +432,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         delta = _empty((batch, nheads, seqlen_q), acc)
         pre = get_kernel(("preprocess", name), lambda: build_preprocess(name),
                          [array_type(store, 4)] * 2 + [array_type(acc, 3)], 0)
-        pre(rows_grid, (ROW_THREADS,), row_inputs + [delta])
+        pre(rows_grid, (ROW_THREADS,), [_kernel_view(dout), _kernel_view(out), delta])
         inputs = [_kernel_view(x) for x in (q, k, v, dout)] + [lse, delta]
         kind, build = "backward", build_backward
         signature = [array_type(store, 4)] * 4 + [array_type(acc, 3)] * 2
@@ -459,10 +446,11 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     if np.dtype(q.dtype) == np.dtype(acc) and not deterministic and acc_dim == head_dim:
         return dq_accum, dk, dv
     dq = _empty(q.shape, q.dtype)
-    pairs = mma and not tf32 and _pairs_ready(dq)
-    conv_args = ([dq_accum.view(np.complex64), _kernel_view(dq).view(np.uint32)] if pairs
-                 else [dq_accum, _kernel_view(dq)])
-    conv = get_kernel(("convert", name, pairs), lambda: build_convert(name, pairs),
+    # dq is nbflash's own contiguous array: 16-byte chunks per lane when its rows are
+    # whole chunks like dq_accum's.
+    wide = mma and acc_dim == head_dim
+    conv_args = [dq_accum, _kernel_view(dq)]
+    conv = get_kernel(("convert", name, wide), lambda: build_convert(name, wide),
                       [array_type(x.dtype, 4) for x in conv_args], 0)
     conv(rows_grid, (ROW_THREADS,), conv_args)
     return dq, dk, dv

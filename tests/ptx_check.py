@@ -72,6 +72,14 @@ def kernels():
                 yield (f"backward_mma {dtype} d{bucket} {'causal' if causal else 'full'} "
                        f"{bcfg.block_m}x{bcfg.block_n}x{bcfg.warps}w",
                        build_backward_mma(bcfg, dtype, causal), tuple(sig))
+    from nbflash.kernels.backward import build_convert, build_stats
+    for dtype in config.MMA_DTYPES + ("float32",):
+        tile = "float32" if dtype == "float32" else "uint16"
+        yield (f"stats {dtype}", build_stats(dtype),
+               tuple([array_type(tile, 4)] * 2 + [array_type("float32", 3)]
+                     + [array_type("float32", 4)] * 2 + [f32]))
+        yield (f"convert_wide {dtype}", build_convert(dtype, True),
+               (array_type("float32", 4), array_type(config.STORAGE[dtype], 4)))
     for bucket in config.HEAD_DIM_BUCKETS:
         for causal in (False, True):
             sig = [array_type("float32", 4)] * 4 + [array_type("float32", 3), f32]
@@ -116,9 +124,8 @@ def every_dispatcher():
     for dt in ("float16", "bfloat16", "float32", "float64"):
         yield build_preprocess(dt)
         yield build_convert(dt)
-        if dt in config.MMA_DTYPES:
+        if dt in config.MMA_DTYPES or dt == "float32":
             yield build_stats(dt)
-            yield build_stats(dt, True)
             yield build_convert(dt, True)
         for d in config.HEAD_DIM_BUCKETS:
             for causal in (False, True):

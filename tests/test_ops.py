@@ -214,6 +214,29 @@ def test_st_global_u32_stores_packed_pairs_at_offsets_from_one_address():
     np.testing.assert_array_equal(get(out), expected)
 
 
+def test_v4_global_load_and_store_move_16_bytes_per_lane():
+    """Each lane loads 16 bytes of row ``lane`` by one vector load and stores them,
+    each word plus one, 16 bytes further along the same row of a poisoned array:
+    words in order, nothing else touched."""
+    @cuda.jit
+    def kernel(src, dst):
+        lane = cuda.threadIdx.x
+        w = ops.ld_global_nc_v4_u32(ops.global_addr(src, 0, lane, 0, 4))
+        one = np.uint32(1)
+        ops.st_global_v4_u32(ops.global_addr(dst, 0, lane, 0, 4),
+                             w[0] + one, w[1] + one, w[2] + one, w[3] + one)
+
+    rng = np.random.default_rng(11)
+    words = rng.integers(0, 2**32 - 1, size=(1, 32, 1, 12), dtype=np.uint64).astype(np.uint32)
+    poison = np.full((1, 32, 1, 12), 0xDEADBEEF, np.uint32)
+    dst = xp.asarray(poison)
+    kernel[1, 32](xp.asarray(words), dst)
+    expected = poison.copy()
+    expected[..., 4:8] = words[..., 4:8] + np.uint32(1)
+    get = (lambda x: x.get()) if hasattr(dst, "get") else np.asarray
+    np.testing.assert_array_equal(get(dst), expected)
+
+
 def test_tf32_fragments_and_mma():
     """m16n8k8 tf32: A (16x8) and two 8-key n-tiles of K by ldmatrix on float32 rows,
     V's B operand (B[t][g], B[t + 4][g]) by 32-bit shared loads; every operand rounded
@@ -274,3 +297,4 @@ def test_tf32_fragments_and_mma():
     np.testing.assert_allclose(get(av), A @ V, rtol=1e-6, atol=1e-5)
     np.testing.assert_array_equal(get(rounded), tf32_round(sample_host))
     assert get(rounded)[1] == np.uint32(one_and_half + 0x2000).view(np.float32)  # tie: away
+

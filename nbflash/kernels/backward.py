@@ -39,7 +39,7 @@ import numpy as np
 from numba import cuda, from_dtype
 
 from .. import ops
-from ..config import ACCUMULATOR, TileConfig, backward_shared_elements, padded
+from ..config import ACCUMULATOR, STORAGE, TileConfig, backward_shared_elements, padded
 from .common import (LOG2E, NEG_INF, config_name, device, element_codec, kernel,
                      make_key_tile_schedule, make_row_loader, make_tile_loader,
                      query_tile_range, tile_needs_mask)
@@ -62,33 +62,18 @@ def _warp_rows():
 warp_rows = device(_warp_rows)
 
 
-def make_row_dot(dtype_name, pairs=False):
+def make_row_dot(dtype_name):
     """``dot(dout, out, b, row, h, lane) -> dO_row . O_row``, summed over the warp: the
     lanes take consecutive head-dim columns, so that every load is one contiguous run
     (a thread per row read 32 rows' columns at a time, one sector each, and took longer
-    than the backward's main kernel at large sizes). Every lane gets the sum.
-    With ``pairs`` (16-bit dtypes), the rows come as uint32 words of two packed
-    elements: one load per pair, not per element."""
+    than the backward's main kernel at large sizes). Every lane gets the sum."""
     ACC_SCALAR = ACCUMULATOR[dtype_name]
-    if pairs:
-        unpack = ops.unpack_f16x2 if dtype_name == "float16" else ops.unpack_bf16x2
-
-        def term(x, y):
-            x0, x1 = unpack(x)
-            y0, y1 = unpack(y)
-            return x0 * y0 + x1 * y1
-    else:
-        to_acc, _ = element_codec(dtype_name)
-
-        def term(x, y):
-            return to_acc(x) * to_acc(y)
-
-    term_d = device(term)
+    to_acc, _ = element_codec(dtype_name)
 
     def dot(dout, out, b, row, h, lane):
         total = ACC_SCALAR(0.0)
         for d in range(lane, out.shape[3], 32):
-            total += term_d(dout[b, row, h, d], out[b, row, h, d])
+            total += to_acc(dout[b, row, h, d]) * to_acc(out[b, row, h, d])
         for width in (16, 8, 4, 2, 1):
             total += ops.shfl_xor(total, width)
         return total
@@ -117,46 +102,107 @@ def build_preprocess(dtype_name: str):
     return preprocess
 
 
+#: Bytes per lane of the wide row kernels' loads and stores (``ld.global.v4.u32``).
+CHUNK_BYTES = 16
+
+
+def _chunk_group(chunks):
+    """Lanes per row in a wide row kernel, for rows of ``chunks`` 16-byte chunks: the
+    least power of two >= chunks, at most a warp (larger rows loop)."""
+    group = 1
+    while group < chunks and group < 32:
+        group *= 2
+    return group
+
+
+chunk_group = device(_chunk_group)
+
+
+def make_chunk_dot(dtype_name):
+    """``dot(x, y)`` of two 16-byte chunks (tuples of four uint32 words) of float16,
+    bfloat16 or float32 elements, in float32."""
+    if dtype_name == "float32":
+        def dot(x, y):
+            total = np.float32(0.0)
+            for i in range(4):
+                total += ops.u32_as_f32(x[i]) * ops.u32_as_f32(y[i])
+            return total
+    else:
+        unpack = ops.unpack_f16x2 if dtype_name == "float16" else ops.unpack_bf16x2
+
+        def dot(x, y):
+            total = np.float32(0.0)
+            for i in range(4):
+                x0, x1 = unpack(x[i])
+                y0, y1 = unpack(y[i])
+                total += x0 * y0 + x1 * y1
+            return total
+    return device(dot)
+
+
 @functools.lru_cache(maxsize=None)
-def build_stats(dtype_name: str, pairs: bool = False):
-    """``stats(dout, out, lse, stats, dq_pairs, scale)``, the tensor-core backward's
+def build_stats(dtype_name: str):
+    """``stats(dout, out, lse, stats, dq_accum, scale)``, the tensor-core backward's
     pre-pass: for each query row i, stats[b, h, 0, i] = lse[b, h, i] log2(e) and
     stats[b, h, 1, i] = scale dO_i . O_i (Delta times the softmax scale, so that the
     backward forms scale (dP - Delta) in one fused multiply-add). Rows that see no key
     (lse = -inf) and the padding rows past seqlen_q get +inf and 0, which make their
     probabilities exp2(-inf) = 0. It also zeroes the row in every slice of the dQ
-    accumulator, seen as complex64 column pairs (one 8-byte store per pair; a
-    separate memset was another pass over it).
+    accumulator (a separate memset was another pass over it).
 
     ``stats`` is (batch, nheads, 2, seqlen_q rounded up to whole query tiles), so the
-    backward copies a tile's rows as whole 16-byte chunks. With ``pairs``, dout and
-    out come as uint32 views of packed element pairs (even head dims, 4-byte aligned
-    rows). Grid ``(ceil(stats.shape[3] / ROWS_PER_BLOCK), nheads, batch)`` of
+    backward copies a tile's rows as whole 16-byte chunks. dout and out (float16,
+    bfloat16 or float32) must be chunk-ready like the tensor-core kernels' inputs
+    (unit stride, head dim a multiple of 8, 16-byte aligned rows), dq_accum float32
+    with a head dim that is a multiple of 4, 16-byte aligned.
+
+    A group of ``_chunk_group`` lanes takes a row, one 16-byte chunk of dO and of O
+    per lane (8 elements at 16 bits), and sums over the group; with 4-byte words per
+    lane and a warp per row the pass ran at two thirds of FlashAttention-2's row
+    kernel's bandwidth (ncu, H100). Every lane runs the same number of passes over
+    the block's rows, so that the shuffles see the whole warp.
+    Grid ``(ceil(stats.shape[3] / ROWS_PER_BLOCK), nheads, batch)`` of
     ``ROW_THREADS``."""
-    dot = make_row_dot(dtype_name, pairs)
+    dot = make_chunk_dot(dtype_name)
+    EC = CHUNK_BYTES // np.dtype(STORAGE[dtype_name]).itemsize
     INF = np.float32(math.inf)
     LOG2E_32 = np.float32(LOG2E)
-    ZERO_PAIR = np.complex64(0)
+    ZERO = np.uint32(0)
 
-    @kernel(f"stats_{dtype_name}{'_pairs' if pairs else ''}", (dtype_name, pairs))
-    def stats_kernel(dout, out, lse, stats, dq_pairs, scale):
-        lane, first, step, stop = warp_rows()
+    @kernel(f"stats_{dtype_name}", dtype_name)
+    def stats_kernel(dout, out, lse, stats, dq_accum, scale):
+        tid = cuda.threadIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         seqlen_q = out.shape[1]
         batch = out.shape[0]
-        for row in range(first, min(stop, stats.shape[3]), step):
+        chunks = out.shape[3] // EC
+        group = chunk_group(chunks)
+        part = tid & (group - 1)
+        step = ROW_THREADS // group
+        row0 = cuda.blockIdx.x * ROWS_PER_BLOCK + tid // group
+        for k in range((ROWS_PER_BLOCK + step - 1) // step):
+            row = row0 + k * step
+            total = np.float32(0.0)
             if row < seqlen_q:
-                total = np.float32(dot(dout, out, b, row, h, lane)) * scale
-                x = lse[b, h, row]
-                x = INF if x == -INF else x * LOG2E_32
-                for s in range(dq_pairs.shape[0] // batch):     # deterministic slices
-                    for c in range(lane, dq_pairs.shape[3], 32):
-                        dq_pairs[s * batch + b, row, h, c] = ZERO_PAIR
-            else:
-                total = np.float32(0.0)
+                for c in range(part, chunks, group):
+                    total += dot(ops.ld_global_nc_v4_u32(ops.global_addr(dout, b, row, h, EC * c)),
+                                 ops.ld_global_nc_v4_u32(ops.global_addr(out, b, row, h, EC * c)))
+            width = group >> 1
+            while width > 0:
+                total += ops.shfl_xor(total, width)
+                width >>= 1
+            if row < seqlen_q:
+                for s in range(dq_accum.shape[0] // batch):     # deterministic slices
+                    for c in range(part, dq_accum.shape[3] // 4, group):
+                        ops.st_global_v4_u32(ops.global_addr(dq_accum, s * batch + b, row, h, 4 * c),
+                                             ZERO, ZERO, ZERO, ZERO)
+            if part == 0 and row < stats.shape[3]:
                 x = INF
-            if lane == 0:
+                if row < seqlen_q:
+                    x = lse[b, h, row]
+                    x = INF if x == -INF else x * LOG2E_32
+                    total *= scale
                 stats[b, h, 0, row] = x
                 stats[b, h, 1, row] = total
 
@@ -164,41 +210,85 @@ def build_stats(dtype_name: str, pairs: bool = False):
 
 
 @functools.lru_cache(maxsize=None)
-def build_convert(dtype_name: str, pairs: bool = False):
+def build_convert(dtype_name: str, wide: bool = False):
     """``convert(src, dst)``: dst = src in the input dtype, over (batch, seqlen, heads,
     head_dim); src may hold several deterministic slices (``splits * batch`` rows on
     axis 0), summed in order, and a head dim padded past dst's.
-    Grid ``(ceil(seqlen / ROWS_PER_BLOCK), heads, batch)`` of ``ROW_THREADS``, a warp per
-    row as in ``preprocess``.
+    Grid ``(ceil(seqlen / ROWS_PER_BLOCK), heads, batch)`` of ``ROW_THREADS``.
 
-    With ``pairs`` (16-bit outputs of even head dim), src comes as complex64 column
-    pairs and dst as uint32 words of two packed elements: each pair is one 8-byte load
-    and one 4-byte store (per element, the pass ran at half the memory bandwidth). A
-    complex sum adds the two columns separately, in the same slice order."""
-    if pairs:
+    Element by element, a warp per row as in ``preprocess``; or ``wide`` (float32 src,
+    float16, bfloat16 or float32 dst of the same head dim, a multiple of 8, both
+    16-byte aligned with unit stride there), a 16-byte chunk of dst per lane from one
+    or two 16-byte chunks of src, lanes grouped per row as in ``build_stats``."""
+    _, finish = element_codec(dtype_name)
+    finish_d = device(finish)
+    if not wide:
+        @kernel(f"convert_{dtype_name}", (dtype_name, wide))
+        def convert(src, dst):
+            lane, first, step, stop = warp_rows()
+            h = cuda.blockIdx.y
+            b = cuda.blockIdx.z
+            batch = dst.shape[0]
+            for row in range(first, min(stop, dst.shape[1]), step):
+                for d in range(lane, dst.shape[3], 32):
+                    total = src[b, row, h, d]
+                    for s in range(1, src.shape[0] // batch):   # deterministic slices
+                        total += src[s * batch + b, row, h, d]
+                    dst[b, row, h, d] = finish_d(total)
+
+        return convert
+
+    EC = CHUNK_BYTES // np.dtype(STORAGE[dtype_name]).itemsize   # dst elements
+    if dtype_name == "float32":
+        def chunk_words(src, b, row, h, e0, batch):
+            x = ops.ld_global_nc_v4_u32(ops.global_addr(src, b, row, h, e0))
+            w0, w1, w2, w3 = (ops.u32_as_f32(x[0]), ops.u32_as_f32(x[1]),
+                              ops.u32_as_f32(x[2]), ops.u32_as_f32(x[3]))
+            for s in range(1, src.shape[0] // batch):
+                x = ops.ld_global_nc_v4_u32(ops.global_addr(src, s * batch + b, row, h, e0))
+                w0 += ops.u32_as_f32(x[0])
+                w1 += ops.u32_as_f32(x[1])
+                w2 += ops.u32_as_f32(x[2])
+                w3 += ops.u32_as_f32(x[3])
+            return (ops.f32_as_u32(w0), ops.f32_as_u32(w1), ops.f32_as_u32(w2),
+                    ops.f32_as_u32(w3))
+    else:
         pack = ops.pack_f16x2 if dtype_name == "float16" else ops.pack_bf16x2
 
-        def finish(total):
-            return pack(total.real, total.imag)
-    else:
-        _, finish = element_codec(dtype_name)
+        def chunk_words(src, b, row, h, e0, batch):
+            lo = ops.ld_global_nc_v4_u32(ops.global_addr(src, b, row, h, e0))
+            hi = ops.ld_global_nc_v4_u32(ops.global_addr(src, b, row, h, e0 + 4))
+            v = cuda.local.array(8, np.float32)
+            for i in range(4):
+                v[i] = ops.u32_as_f32(lo[i])
+                v[4 + i] = ops.u32_as_f32(hi[i])
+            for s in range(1, src.shape[0] // batch):
+                lo = ops.ld_global_nc_v4_u32(ops.global_addr(src, s * batch + b, row, h, e0))
+                hi = ops.ld_global_nc_v4_u32(ops.global_addr(src, s * batch + b, row, h, e0 + 4))
+                for i in range(4):
+                    v[i] += ops.u32_as_f32(lo[i])
+                    v[4 + i] += ops.u32_as_f32(hi[i])
+            return (pack(v[0], v[1]), pack(v[2], v[3]), pack(v[4], v[5]), pack(v[6], v[7]))
 
-    finish_d = device(finish)
+    chunk_words_d = device(chunk_words)
 
-    @kernel(f"convert{'_pairs' if pairs else ''}_{dtype_name}", (dtype_name, pairs))
-    def convert(src, dst):
-        lane, first, step, stop = warp_rows()
+    @kernel(f"convert_wide_{dtype_name}", (dtype_name, wide))
+    def convert_wide(src, dst):
+        tid = cuda.threadIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         batch = dst.shape[0]
-        for row in range(first, min(stop, dst.shape[1]), step):
-            for d in range(lane, dst.shape[3], 32):
-                total = src[b, row, h, d]
-                for s in range(1, src.shape[0] // batch):   # deterministic slices
-                    total += src[s * batch + b, row, h, d]
-                dst[b, row, h, d] = finish_d(total)
+        chunks = dst.shape[3] // EC
+        group = chunk_group(chunks)
+        part = tid & (group - 1)
+        step = ROW_THREADS // group
+        stop = min(cuda.blockIdx.x * ROWS_PER_BLOCK + ROWS_PER_BLOCK, dst.shape[1])
+        for row in range(cuda.blockIdx.x * ROWS_PER_BLOCK + tid // group, stop, step):
+            for c in range(part, chunks, group):
+                w0, w1, w2, w3 = chunk_words_d(src, b, row, h, EC * c, batch)
+                ops.st_global_v4_u32(ops.global_addr(dst, b, row, h, EC * c), w0, w1, w2, w3)
 
-    return convert
+    return convert_wide
 
 
 @functools.lru_cache(maxsize=None)

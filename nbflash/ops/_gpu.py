@@ -31,7 +31,7 @@ __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr"
            "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16",
            "cp_async_16_or_zero", "cp_async_commit", "cp_async_wait", "shfl_xor",
            "st_shared_u32", "ld_shared_u32", "st_global_u32", "red_add_f32x2", "mma_tf32",
-           "to_tf32", "to_tf32_rn"]
+           "to_tf32", "to_tf32_rn", "ld_global_nc_v4_u32", "st_global_v4_u32"]
 
 _i32 = ir.IntType(32)
 _i64 = ir.IntType(64)
@@ -386,6 +386,35 @@ def st_global_u32(typingctx, addr, value):
     def codegen(context, builder, sig, args):
         _asm(builder, ir.VoidType(), list(args), "st.global.u32 [$0], $1;", "l,r,~{memory}",
              side_effect=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def ld_global_nc_v4_u32(typingctx, addr):
+    """Four 32-bit words from the 16-byte aligned global address ``addr``, by one
+    16-byte load through the read-only path: the row kernels stream whole rows, and a
+    16-byte load per lane keeps four times the bytes in flight of a 4-byte one. Only
+    for memory that no thread of the running kernel writes."""
+    sig = types.UniTuple(types.uint32, 4)(types.uint64)
+
+    def codegen(context, builder, sig, args):
+        st = _asm(builder, ir.LiteralStructType([_i32] * 4), list(args),
+                  "ld.global.nc.v4.u32 {$0,$1,$2,$3}, [$4];", "=r,=r,=r,=r,l")
+        return _as_tuple(context, builder, sig, st, 4)
+
+    return sig, codegen
+
+
+@intrinsic
+def st_global_v4_u32(typingctx, addr, w0, w1, w2, w3):
+    """Stores four 32-bit words at the 16-byte aligned global address ``addr``."""
+    sig = types.void(types.uint64, types.uint32, types.uint32, types.uint32, types.uint32)
+
+    def codegen(context, builder, sig, args):
+        _asm(builder, ir.VoidType(), list(args), "st.global.v4.u32 [$0], {$1,$2,$3,$4};",
+             "l,r,r,r,r,~{memory}", side_effect=True)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -20,7 +20,7 @@ __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr"
            "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16",
            "cp_async_16_or_zero", "cp_async_commit", "cp_async_wait", "shfl_xor",
            "st_shared_u32", "ld_shared_u32", "st_global_u32", "red_add_f32x2", "mma_tf32",
-           "to_tf32", "to_tf32_rn"]
+           "to_tf32", "to_tf32_rn", "ld_global_nc_v4_u32", "st_global_v4_u32"]
 
 
 def smem_view2d(arr, offset, rows, cols):
@@ -83,6 +83,19 @@ def st_global_u32(addr, value):
     addr = int(addr)
     assert addr % 4 == 0, "st.global.u32 needs a 4-byte aligned address"
     ctypes.c_uint32.from_address(addr).value = int(value)
+
+
+def ld_global_nc_v4_u32(addr):
+    addr = int(addr)
+    assert addr % 16 == 0, "ld.global.v4.u32 needs a 16-byte aligned address"
+    return tuple(np.uint32(_u32_at(addr + 4 * i)) for i in range(4))
+
+
+def st_global_v4_u32(addr, w0, w1, w2, w3):
+    addr = int(addr)
+    assert addr % 16 == 0, "st.global.v4.u32 needs a 16-byte aligned address"
+    for i, w in enumerate((w0, w1, w2, w3)):
+        ctypes.c_uint32.from_address(addr + 4 * i).value = int(w)
 
 
 _red_lock = threading.Lock()
