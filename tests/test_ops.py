@@ -298,3 +298,32 @@ def test_tf32_fragments_and_mma():
     np.testing.assert_array_equal(get(rounded), tf32_round(sample_host))
     assert get(rounded)[1] == np.uint32(one_and_half + 0x2000).view(np.float32)  # tie: away
 
+
+def test_to_tf32_rn_rounds_ties_to_even():
+    """The 3xTF32 split's rounding (``cvt.rn.tf32.f32`` on sm_90): to nearest, ties to
+    the even neighbour, low 13 bits zero; against NumPy's round-half-even on the
+    value scaled by its tf32 unit. Samples: a quarter, a half (ties, after an even
+    and after an odd last bit) and three quarters of a unit, both signs, and random
+    values over many binades."""
+    @cuda.jit
+    def kernel(samples, rounded):
+        i = cuda.grid(1)
+        if i < samples.size:
+            rounded[i] = ops.to_tf32_rn(samples[i])
+
+    rng = np.random.default_rng(12)
+    base = np.array([1.5, 1.5 + 2.0 ** -10, 3.0, 1e-3], np.float32).view(np.uint32)
+    offsets = np.array([0x800, 0x1000, 0x1800, 0x1FFF, 0x0001])
+    special = (base[:, None] + offsets[None, :]).ravel().astype(np.uint32).view(np.float32)
+    scattered = (rng.standard_normal(200) * 2.0 ** rng.integers(-40, 40, 200)).astype(np.float32)
+    host = np.concatenate([special, -special, scattered]).astype(np.float32)
+    rounded = xp.full(host.size, 0xFFFFFFFF, np.uint32)
+    kernel[(host.size + 63) // 64, 64](xp.asarray(host), rounded)
+    get = (lambda x: x.get()) if hasattr(rounded, "get") else np.asarray
+    x = host.astype(np.float64)
+    unit = 2.0 ** (np.floor(np.log2(np.abs(x))) - 10)
+    expected = (np.round(x / unit) * unit).astype(np.float32)
+    np.testing.assert_array_equal(get(rounded), expected.view(np.uint32))
+    ties = get(rounded)[:20].reshape(4, 5)[:, 1].view(np.float32)
+    assert ties[0] == np.float32(1.5)                       # even last bit: down
+    assert ties[1] == np.float32(1.5 + 2.0 ** -9)           # odd last bit: up

@@ -142,12 +142,18 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     # along its rows by ldmatrix, P and dS are stored with each 8 keys' columns in
     # the order 0 2 4 6 1 3 5 7 (``key_slot``), so that ldmatrix's k slots t, t + 4
     # are keys 2t, 2t + 1 too.
+    def slot_in_8(r):
+        """Stored column, within its 8, of the 8 keys' key r (tf32): 2t -> t, 2t + 1 -> t + 4."""
+        return (r >> 1) + 4 * (r & 1)
+
+    slot_in_8_d = device(slot_in_8)
+
     def key_slot(key):
         """Column of ``key`` in the stored P and dS tiles (tf32; 16-bit: itself)."""
         if not TF32:
             return key
         r = key % 8
-        return key - r + (r >> 1) + 4 * (r & 1)
+        return key - r + slot_in_8(r)
 
     def operand(width, rows, cols, w1s, w2s):
         """make_steps for an ldmatrix x4 operand pattern (see ``lane_rc``): the
@@ -192,7 +198,7 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
         g = lane >> 2
         col = 16 * w2 + g
         if slotted:
-            col = col - g + (g >> 1) + 4 * (g & 1)
+            col = col - g + slot_in_8_d(g)
         return 2 * (lane & 3), col
 
     # Steps are numbered (k-step, block): index kk * A + a.
@@ -226,9 +232,10 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     # 2 b + half of block (a, b), numbered ((a * A2 + b) * 2 + half) * 2 + rh; for
     # tf32 each value apart, at its key slot (columns t and t + 4 of the 8), numbered
     # (((a * A2 + b) * 2 + half) * 2 + rh) * 2 + j.
+    ST_COLS = 1 if TF32 else 2       # columns between lanes t and t + 1 of a stored row
     st_lane, ST_HI, ST_LO = make_steps(
         BN, [16 * w + g for w in range(SW1) for g in range(8)],
-        [16 * w + (1 if TF32 else 2) * t for w in range(SW2) for t in range(4)],
+        [16 * w + ST_COLS * t for w in range(SW2) for t in range(4)],
         [(16 * SW1 * a + 8 * rh, 16 * SW2 * b + 8 * half + 4 * j)
          for a in range(SA1) for b in range(SA2) for half in range(2) for rh in range(2)
          for j in ((0, 1) if TF32 else (0,))])
@@ -281,27 +288,22 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
         # 1's): ldmatrix gives that order, load_across gives (j, dc) order.
         B_ORDER = (0, 2, 1, 3) if TF32 and b_trans else (0, 1, 2, 3)
 
-        def a_step(a, kk, af, al, a_lane, smem_base):
-            x = load_a(a_lane, kk * A1 + a, smem_base)
-            for r in range(4):
-                if TF32:
-                    big, small = tf32_split(x[r])
-                    af[a, r] = big
-                    if SPLIT:
-                        al[a, r] = small
-                else:
-                    af[a, r] = x[r]
+        def make_fragment_steps(load, count, order):
+            """``steps(kk, hi, lo, lane, smem_base)``: the fragments of the ``count``
+            blocks of k-step kk into hi (for 3xTF32 big parts in hi, small in lo),
+            registers in ``order``."""
+            def step(i, kk, hi, lo, lane_at, smem_base):
+                x = load(lane_at, kk * count + i, smem_base)
+                for r in range(4):
+                    if TF32:
+                        big, small = tf32_split(x[order[r]])
+                        hi[i, r] = big
+                        if SPLIT:
+                            lo[i, r] = small
+                    else:
+                        hi[i, r] = x[order[r]]
 
-        def b_step(b, kk, bf, bl, b_lane, smem_base):
-            x = load_b(b_lane, kk * A2 + b, smem_base)
-            for r in range(4):
-                if TF32:
-                    big, small = tf32_split(x[B_ORDER[r]])
-                    bf[b, r] = big
-                    if SPLIT:
-                        bl[b, r] = small
-                else:
-                    bf[b, r] = x[B_ORDER[r]]
+            return static_loop(count, device(step))
 
         def mma_step(ab, acc, af, al, bf, bl):
             a = ab // A2
@@ -319,8 +321,8 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
                 for r in range(4):
                     acc[a, n, r] = c[r]
 
-        a_steps = static_loop(A1, device(a_step))
-        b_steps = static_loop(A2, device(b_step))
+        a_steps = make_fragment_steps(load_a, A1, (0, 1, 2, 3))
+        b_steps = make_fragment_steps(load_b, A2, B_ORDER)
         mma_steps = static_loop(A1 * A2, device(mma_step))
 
         def k_step(kk, acc, a_lane, b_lane, smem_base):
@@ -564,7 +566,7 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
             q_b_lane = q_b_lane_at(r, c)
         r, c = lane_rc(lane, q1, 0)
         q_a_lane = q_a_lane_at(r, c)
-        st_at = st_lane(16 * s1 + (lane >> 2), 16 * s2 + (1 if TF32 else 2) * (lane & 3))
+        st_at = st_lane(16 * s1 + (lane >> 2), 16 * s2 + ST_COLS * (lane & 3))
 
         smem = cuda.shared.array(0, U16)
         smem_base = ops.smem_addr(smem, 0)

@@ -180,14 +180,6 @@ def ldmatrix_x4_trans(addr):
 
 # ---- arithmetic
 
-def _halves(u, kind):
-    u = int(u)
-    lo, hi = u & 0xFFFF, u >> 16
-    if kind == "f16":
-        return np.array([lo, hi], dtype=np.uint16).view(np.float16).astype(np.float64)
-    return (np.array([lo, hi], dtype=np.uint32) << 16).view(np.float32).astype(np.float64)
-
-
 def _lane_result(d, lane, c0, c1, c2, c3):
     """This lane's accumulator registers of D = A B + C (the 16x8 C layout), in float32."""
     g, t = lane >> 2, lane & 3
@@ -229,11 +221,6 @@ def _make_mma(kind):
 
 mma_f16 = _make_mma("f16")
 mma_bf16 = _make_mma("bf16")
-
-
-def _tf32_value(u):
-    """What the tensor core reads of a tf32 operand register: its upper 19 bits."""
-    return float(np.uint32(int(u) & 0xFFFFE000).view(np.float32))
 
 
 def mma_tf32(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
