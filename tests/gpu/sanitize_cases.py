@@ -114,11 +114,11 @@ def matrix(tool):
 
 
 def shard(cases, index, count):
-    """Cases of one shard: whole (dtype, causal) groups, so that each process compiles
-    about 1/count of the kernels."""
-    groups = sorted({(c.dtype, c.causal) for c in cases})
+    """Cases of one shard: whole (dtype, causal, head dim) groups, so that each
+    process compiles about 1/count of the kernels."""
+    groups = sorted({(c.dtype, c.causal, c.head_dim) for c in cases})
     mine = {g for i, g in enumerate(groups) if i % count == index}
-    return [c for c in cases if (c.dtype, c.causal) in mine]
+    return [c for c in cases if (c.dtype, c.causal, c.head_dim) in mine]
 
 
 def smoke(cases):
@@ -230,10 +230,10 @@ def main(argv=None):
         os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
         sys.setswitchinterval(5e-4)
     index, count = (int(x) for x in args.shard.split("/"))
-    cases = shard(matrix(args.tool), index, count)
+    # Filter first, so that the shards split the cases the filter leaves.
+    cases = shard([c for c in matrix(args.tool) if args.filter in c.name], index, count)
     if args.smoke:
         cases = smoke(cases)
-    cases = [c for c in cases if args.filter in c.name]
     if args.max_cases:
         cases = cases[:args.max_cases]
     if args.list:
