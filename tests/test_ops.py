@@ -13,6 +13,9 @@ from nbflash import ops
 from nbflash.interface import xp
 from reference import tf32_round
 
+# On a GPU these run with the GPU suite (``pytest -m gpu``), which deselected them
+# while they carried no marker.
+pytestmark = [pytest.mark.simulator if ops.SIMULATOR else pytest.mark.gpu]
 U16, F32 = from_dtype(np.uint16), from_dtype(np.float32)   # the simulator needs Numba types
 KINDS = {"float16": (np.float16, ops.mma_f16, ops.pack_f16x2, ops.unpack_f16x2),
          "bfloat16": (ml_dtypes.bfloat16, ops.mma_bf16, ops.pack_bf16x2, ops.unpack_bf16x2)}
