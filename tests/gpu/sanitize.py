@@ -9,9 +9,9 @@ For each tool T of memcheck, racecheck, synccheck, initcheck it runs
         python3 tests/gpu/sanitize_cases.py --tool T
 
 (``sanitize_cases.py`` holds the configuration matrix and checks every output), split
-into ``--shards`` processes per tool, each taking whole (dtype, causal) groups so
-that it compiles only its share of the kernels. Up to ``--jobs`` processes run at
-once (default: all). All processes share Numba's disk cache (nbflash locks each
+into ``--shards`` processes per tool, each taking whole (dtype, causal, head dim)
+groups so that it compiles only its share of the kernels. Up to ``--jobs`` processes
+run at once (default: all). All processes share Numba's disk cache (nbflash locks each
 kernel's cache entry while compiling it), so a kernel compiles once for all tools,
 and not at all after ``python -m nbflash.precompile``; ``--cache-dir DIR`` uses DIR
 instead of the default cache. Logs go to ``<log-dir>/<tool>-<shard>.log``.
@@ -155,9 +155,10 @@ def main(argv=None):
             # the H100 run of 2026-11-24). Kernel memory errors are reported as ever.
             driver = [sys.executable, str(DRIVER), "--tool", tool,
                       "--shard", f"{s}/{args.shards}", *driver_args]
-            # A shard left without cases (more shards than (dtype, causal) groups, or a
-            # filter) makes no CUDA call, and compute-sanitizer then exits 255 ("Target
-            # application terminated before first instrumented API call"): skip it.
+            # A shard left without cases (more shards than (dtype, causal, head dim)
+            # groups after the filter) makes no CUDA call, and compute-sanitizer then
+            # exits 255 ("Target application terminated before first instrumented API
+            # call"): skip it.
             listed = subprocess.run(driver + ["--list"], env=env, cwd=str(ROOT),
                                     capture_output=True, text=True)
             if listed.returncode == 0 and not listed.stdout.strip():
