@@ -168,26 +168,30 @@ def test_cp_async_16_or_zero_copies_or_zero_fills():
     np.testing.assert_array_equal(get(out), expected)
 
 
-def test_red_add_f32x2_sums_pairs_from_every_thread():
-    """64 threads add pairs into 4 slots of a (1, 4, 1, 8) array, 16 threads per slot:
-    every contribution must arrive (an atomic sum), each pair in its own two columns."""
+@pytest.mark.parametrize("width", [2, 4])
+def test_red_add_sums_vectors_from_every_thread(width):
+    """64 threads add ``width`` floats (red_add_f32x2 or red_add_f32x4) into 4 x 4
+    slots of a (1, 4, 1, 4 width) array, 4 threads per slot: every contribution must
+    arrive (an atomic sum), each vector in its own ``width`` columns."""
     @cuda.jit
     def kernel(acc, values):
         i = cuda.threadIdx.x
-        row = i % 4
-        col = 2 * ((i // 4) % 4)
-        ops.red_add_f32x2(ops.global_addr(acc, 0, row, 0, col), values[i, 0], values[i, 1])
+        at = ops.global_addr(acc, 0, i % 4, 0, width * ((i // 4) % 4))
+        if width == 2:
+            ops.red_add_f32x2(at, values[i, 0], values[i, 1])
+        else:
+            ops.red_add_f32x4(at, values[i, 0], values[i, 1], values[i, 2], values[i, 3])
 
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(3 + width)
     # Small integers: every order of the float32 sums is exact.
-    values = rng.integers(-50, 50, size=(64, 2)).astype(np.float32)
-    start = rng.integers(-50, 50, size=(1, 4, 1, 8)).astype(np.float32)
+    values = rng.integers(-50, 50, size=(64, width)).astype(np.float32)
+    start = rng.integers(-50, 50, size=(1, 4, 1, 4 * width)).astype(np.float32)
     expected = start.copy()
     acc = xp.asarray(start)          # under the simulator, start itself
     kernel[1, 64](acc, xp.asarray(values))
     for i in range(64):
-        row, col = i % 4, 2 * ((i // 4) % 4)
-        expected[0, row, 0, col:col + 2] += values[i]
+        row, col = i % 4, width * ((i // 4) % 4)
+        expected[0, row, 0, col:col + width] += values[i]
     get = (lambda x: x.get()) if hasattr(acc, "get") else np.asarray
     np.testing.assert_array_equal(get(acc), expected)
 
@@ -330,3 +334,25 @@ def test_to_tf32_rn_rounds_ties_to_even():
     ties = get(rounded)[:20].reshape(4, 5)[:, 1].view(np.float32)
     assert ties[0] == np.float32(1.5)                       # even last bit: down
     assert ties[1] == np.float32(1.5 + 2.0 ** -9)           # odd last bit: up
+
+
+def test_dq_acc_place_is_fragment_order():
+    """The 16-bit backward's dQ accumulator layout: a bijection from 16 rows by the
+    head dim onto 8 rows by twice it, where lane (g, t)'s m16n8 result for n-tile j,
+    (row g, cols 2t, 2t+1, row g+8, the same cols), is 16 contiguous bytes at column
+    16 j + 4 t of row g: one red.global.add.v4.f32."""
+    from nbflash.kernels.common import dq_acc_place
+    rows, cols = 48, 24
+    seen = {}
+    for row in range(rows):
+        for col in range(cols):
+            seen[dq_acc_place(row, col)] = (row, col)
+    assert sorted(seen) == [(r, c) for r in range(rows // 2) for c in range(2 * cols)]
+    for block in range(rows // 16):
+        for j in range(cols // 8):
+            for lane in range(32):
+                g, t = lane >> 2, lane & 3
+                r0, c0 = 16 * block + g, 8 * j + 2 * t
+                fragment = [(r0, c0), (r0, c0 + 1), (r0 + 8, c0), (r0 + 8, c0 + 1)]
+                assert [dq_acc_place(r, c) for r, c in fragment] == [
+                    (8 * block + g, 16 * j + 4 * t + i) for i in range(4)]

@@ -30,8 +30,8 @@ __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr"
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
            "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16",
            "cp_async_16_or_zero", "cp_async_commit", "cp_async_wait", "shfl_xor",
-           "st_shared_u32", "ld_shared_u32", "st_global_u32", "red_add_f32x2", "mma_tf32",
-           "to_tf32", "to_tf32_rn", "ld_global_nc_v4_u32", "st_global_v4_u32"]
+           "st_shared_u32", "ld_shared_u32", "st_global_u32", "red_add_f32x2", "red_add_f32x4",
+           "mma_tf32", "to_tf32", "to_tf32_rn", "ld_global_nc_v4_u32", "st_global_v4_u32"]
 
 _i32 = ir.IntType(32)
 _i64 = ir.IntType(64)
@@ -430,6 +430,21 @@ def red_add_f32x2(typingctx, addr, lo, hi):
     def codegen(context, builder, sig, args):
         _asm(builder, ir.VoidType(), list(args), "red.global.add.v2.f32 [$0], {$1, $2};",
              "l,f,f", side_effect=True)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def red_add_f32x4(typingctx, addr, x0, x1, x2, x3):
+    """Atomically adds (x0, x1, x2, x3) to the four float32 at the 16-byte aligned
+    global address ``addr`` (sm_90, PTX ISA 8.1): a whole mma result fragment in one
+    reduction, where ``red_add_f32x2`` takes two."""
+    sig = types.void(types.uint64, types.float32, types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, sig, args):
+        _asm(builder, ir.VoidType(), list(args),
+             "red.global.add.v4.f32 [$0], {$1, $2, $3, $4};", "l,f,f,f,f", side_effect=True)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -19,8 +19,8 @@ __all__ = ["smem_view2d", "f32_as_u32", "u32_as_f32", "smem_addr", "global_addr"
            "ldmatrix_x4", "ldmatrix_x4_trans", "mma_f16", "mma_bf16", "pack_f16x2",
            "pack_bf16x2", "unpack_f16x2", "unpack_bf16x2", "ex2", "cp_async_16",
            "cp_async_16_or_zero", "cp_async_commit", "cp_async_wait", "shfl_xor",
-           "st_shared_u32", "ld_shared_u32", "st_global_u32", "red_add_f32x2", "mma_tf32",
-           "to_tf32", "to_tf32_rn", "ld_global_nc_v4_u32", "st_global_v4_u32"]
+           "st_shared_u32", "ld_shared_u32", "st_global_u32", "red_add_f32x2", "red_add_f32x4",
+           "mma_tf32", "to_tf32", "to_tf32_rn", "ld_global_nc_v4_u32", "st_global_v4_u32"]
 
 
 def smem_view2d(arr, offset, rows, cols):
@@ -106,6 +106,15 @@ def red_add_f32x2(addr, lo, hi):
     assert addr % 8 == 0, "red.global.add.v2.f32 needs an 8-byte aligned address"
     with _red_lock:
         for i, x in enumerate((lo, hi)):
+            cell = ctypes.c_float.from_address(addr + 4 * i)
+            cell.value = np.float32(cell.value) + np.float32(x)
+
+
+def red_add_f32x4(addr, x0, x1, x2, x3):
+    addr = int(addr)
+    assert addr % 16 == 0, "red.global.add.v4.f32 needs a 16-byte aligned address"
+    with _red_lock:
+        for i, x in enumerate((x0, x1, x2, x3)):
             cell = ctypes.c_float.from_address(addr + 4 * i)
             cell.value = np.float32(cell.value) + np.float32(x)
 
