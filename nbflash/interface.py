@@ -402,9 +402,16 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         nbytes = config.check_fits(cfg, config.backward_shared_elements(cfg), name)
     n_blocks = _cdiv(seqlen_k, cfg.block_n)
     splits = _deterministic_splits(n_blocks, batch * nheads_k) if deterministic else 1
-    # The tensor-core kernel adds dQ two columns at a time: pad its head dim to 8.
+    # The tensor-core kernel adds dQ in vectors of an 8-column block: pad its head dim
+    # to 8. At 16 bits its accumulator is in fragment order (kernels/common.py,
+    # dq_acc_place): rows padded to whole query tiles and paired, columns doubled.
     acc_dim = _cdiv(head_dim, 8) * 8 if mma else head_dim
-    dq_accum = _empty((splits * batch,) + q.shape[1:3] + (acc_dim,), acc)
+    tiled = mma and not tf32
+    if tiled:
+        rows = _cdiv(seqlen_q, cfg.block_m) * cfg.block_m // 2
+        dq_accum = _empty((splits * batch, rows, nheads, 2 * acc_dim), acc)
+    else:
+        dq_accum = _empty((splits * batch,) + q.shape[1:3] + (acc_dim,), acc)
     rows_grid = (_cdiv(seqlen_q, ROWS_PER_BLOCK), nheads, batch)
     scale_acc, scale_log2 = acc(scale), acc(scale * LOG2E)
     if mma:
@@ -415,7 +422,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
         # and zeroes dq_accum (acc_dim is a multiple of 8).
         tile = np.float32 if tf32 else np.uint16
         chunked = [_chunk_layout(x).view(tile) for x in (q, k, v, dout, out)]
-        pre = get_kernel(("stats", name), lambda: build_stats(name),
+        pre = get_kernel(("stats", name, tiled), lambda: build_stats(name, tiled),
                          [array_type(tile, 4)] * 2
                          + [array_type(acc, 3), array_type(acc, 4),
                             array_type(acc, 4), scalar_type(scale_acc)], 0)
@@ -450,7 +457,7 @@ def attention_backward(dout, q, k, v, out, lse, *, causal=False, softmax_scale=N
     # whole chunks like dq_accum's.
     wide = mma and acc_dim == head_dim
     conv_args = [dq_accum, _kernel_view(dq)]
-    conv = get_kernel(("convert", name, wide), lambda: build_convert(name, wide),
+    conv = get_kernel(("convert", name, wide, tiled), lambda: build_convert(name, wide, tiled),
                       [array_type(x.dtype, 4) for x in conv_args], 0)
     conv(rows_grid, (ROW_THREADS,), conv_args)
     return dq, dk, dv

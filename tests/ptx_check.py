@@ -75,10 +75,11 @@ def kernels():
     from nbflash.kernels.backward import build_convert, build_stats
     for dtype in config.MMA_DTYPES + ("float32",):
         tile = "float32" if dtype == "float32" else "uint16"
-        yield (f"stats {dtype}", build_stats(dtype),
+        tiled = dtype != "float32"      # the 16-bit accumulator is in fragment order
+        yield (f"stats {dtype}", build_stats(dtype, tiled),
                tuple([array_type(tile, 4)] * 2 + [array_type("float32", 3)]
                      + [array_type("float32", 4)] * 2 + [f32]))
-        yield (f"convert_wide {dtype}", build_convert(dtype, True),
+        yield (f"convert_wide {dtype}", build_convert(dtype, True, tiled),
                (array_type("float32", 4), array_type(config.STORAGE[dtype], 4)))
     for bucket in config.HEAD_DIM_BUCKETS:
         for causal in (False, True):
@@ -125,8 +126,11 @@ def every_dispatcher():
         yield build_preprocess(dt)
         yield build_convert(dt)
         if dt in config.MMA_DTYPES or dt == "float32":
-            yield build_stats(dt)
-            yield build_convert(dt, True)
+            tiled = dt != "float32"
+            yield build_stats(dt, tiled)
+            yield build_convert(dt, True, tiled)
+            if tiled:
+                yield build_convert(dt, False, True)
         for d in config.HEAD_DIM_BUCKETS:
             for causal in (False, True):
                 if dt in config.MMA_DTYPES:

@@ -40,7 +40,7 @@ from numba import cuda, from_dtype
 
 from .. import ops
 from ..config import ACCUMULATOR, STORAGE, TileConfig, backward_shared_elements, padded
-from .common import (LOG2E, NEG_INF, config_name, device, element_codec, kernel,
+from .common import (LOG2E, NEG_INF, config_name, device, dq_acc_place, element_codec, kernel,
                      make_key_tile_schedule, make_row_loader, make_tile_loader,
                      query_tile_range, tile_needs_mask)
 
@@ -102,6 +102,14 @@ def build_preprocess(dtype_name: str):
     return preprocess
 
 
+acc_place = device(dq_acc_place)
+
+
+@device
+def row_major_place(row, col):
+    return row, col
+
+
 #: Bytes per lane of the wide row kernels' loads and stores (``ld.global.v4.u32``).
 CHUNK_BYTES = 16
 
@@ -141,14 +149,17 @@ def make_chunk_dot(dtype_name):
 
 
 @functools.lru_cache(maxsize=None)
-def build_stats(dtype_name: str):
+def build_stats(dtype_name: str, tiled: bool = False):
     """``stats(dout, out, lse, stats, dq_accum, scale)``, the tensor-core backward's
     pre-pass: for each query row i, stats[b, h, 0, i] = lse[b, h, i] log2(e) and
     stats[b, h, 1, i] = scale dO_i . O_i (Delta times the softmax scale, so that the
     backward forms scale (dP - Delta) in one fused multiply-add). Rows that see no key
     (lse = -inf) and the padding rows past seqlen_q get +inf and 0, which make their
     probabilities exp2(-inf) = 0. It also zeroes the row in every slice of the dQ
-    accumulator (a separate memset was another pass over it).
+    accumulator (a separate memset was another pass over it): row-major, or
+    ``tiled`` in fragment order (``dq_acc_place``), whose rows are padded like
+    stats' and are all zeroed; there rows 16 i + g and 16 i + 8 + g share
+    accumulator row 8 i + g, and each zeroes one half of it.
 
     ``stats`` is (batch, nheads, 2, seqlen_q rounded up to whole query tiles), so the
     backward copies a tile's rows as whole 16-byte chunks. dout and out (float16,
@@ -169,7 +180,7 @@ def build_stats(dtype_name: str):
     LOG2E_32 = np.float32(LOG2E)
     ZERO = np.uint32(0)
 
-    @kernel(f"stats_{dtype_name}", dtype_name)
+    @kernel(f"stats_{dtype_name}" + ("_tiled" if tiled else ""), (dtype_name, tiled))
     def stats_kernel(dout, out, lse, stats, dq_accum, scale):
         tid = cuda.threadIdx.x
         h = cuda.blockIdx.y
@@ -192,11 +203,17 @@ def build_stats(dtype_name: str):
             while width > 0:
                 total += ops.shfl_xor(total, width)
                 width >>= 1
-            if row < seqlen_q:
+            if row < (stats.shape[3] if tiled else seqlen_q):
+                acc_row, first, width = row, 0, dq_accum.shape[3]
+                if tiled:
+                    width >>= 1
+                    acc_row, _ = acc_place(row, 0)
+                    first = (row >> 3 & 1) * width
                 for s in range(dq_accum.shape[0] // batch):     # deterministic slices
-                    for c in range(part, dq_accum.shape[3] // 4, group):
-                        ops.st_global_v4_u32(ops.global_addr(dq_accum, s * batch + b, row, h, 4 * c),
-                                             ZERO, ZERO, ZERO, ZERO)
+                    for c in range(part, width // 4, group):
+                        ops.st_global_v4_u32(
+                            ops.global_addr(dq_accum, s * batch + b, acc_row, h, first + 4 * c),
+                            ZERO, ZERO, ZERO, ZERO)
             if part == 0 and row < stats.shape[3]:
                 x = INF
                 if row < seqlen_q:
@@ -210,20 +227,26 @@ def build_stats(dtype_name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def build_convert(dtype_name: str, wide: bool = False):
+def build_convert(dtype_name: str, wide: bool = False, tiled: bool = False):
     """``convert(src, dst)``: dst = src in the input dtype, over (batch, seqlen, heads,
     head_dim); src may hold several deterministic slices (``splits * batch`` rows on
-    axis 0), summed in order, and a head dim padded past dst's.
+    axis 0), summed in order, and a head dim padded past dst's; it is row-major, or
+    ``tiled`` in fragment order (``dq_acc_place``, the 16-bit tensor-core backward's).
     Grid ``(ceil(seqlen / ROWS_PER_BLOCK), heads, batch)`` of ``ROW_THREADS``.
 
     Element by element, a warp per row as in ``preprocess``; or ``wide`` (float32 src,
-    float16, bfloat16 or float32 dst of the same head dim, a multiple of 8, both
-    16-byte aligned with unit stride there), a 16-byte chunk of dst per lane from one
-    or two 16-byte chunks of src, lanes grouped per row as in ``build_stats``."""
+    dst of the same head dim, a multiple of 8, both 16-byte aligned with unit stride
+    there), with lanes grouped per row as in ``build_stats``: row-major float32 dst,
+    a 16-byte chunk per lane; ``tiled`` float16 or bfloat16 dst, two 16-byte chunks
+    per lane, in rows g and g + 8 of a 16, from the four chunks of src that hold
+    them."""
     _, finish = element_codec(dtype_name)
     finish_d = device(finish)
+    name = f"convert_{'wide_' if wide else ''}{'tiled_' if tiled else ''}{dtype_name}"
     if not wide:
-        @kernel(f"convert_{dtype_name}", (dtype_name, wide))
+        place = acc_place if tiled else row_major_place
+
+        @kernel(name, (dtype_name, wide, tiled))
         def convert(src, dst):
             lane, first, step, stop = warp_rows()
             h = cuda.blockIdx.y
@@ -231,48 +254,22 @@ def build_convert(dtype_name: str, wide: bool = False):
             batch = dst.shape[0]
             for row in range(first, min(stop, dst.shape[1]), step):
                 for d in range(lane, dst.shape[3], 32):
-                    total = src[b, row, h, d]
+                    r, c = place(row, d)
+                    total = src[b, r, h, c]
                     for s in range(1, src.shape[0] // batch):   # deterministic slices
-                        total += src[s * batch + b, row, h, d]
+                        total += src[s * batch + b, r, h, c]
                     dst[b, row, h, d] = finish_d(total)
 
         return convert
 
     EC = CHUNK_BYTES // np.dtype(STORAGE[dtype_name]).itemsize   # dst elements
-    if dtype_name == "float32":
-        def chunk_words(src, b, row, h, e0, batch):
-            x = ops.ld_global_nc_v4_u32(ops.global_addr(src, b, row, h, e0))
-            w0, w1, w2, w3 = (ops.u32_as_f32(x[0]), ops.u32_as_f32(x[1]),
-                              ops.u32_as_f32(x[2]), ops.u32_as_f32(x[3]))
-            for s in range(1, src.shape[0] // batch):
-                x = ops.ld_global_nc_v4_u32(ops.global_addr(src, s * batch + b, row, h, e0))
-                w0 += ops.u32_as_f32(x[0])
-                w1 += ops.u32_as_f32(x[1])
-                w2 += ops.u32_as_f32(x[2])
-                w3 += ops.u32_as_f32(x[3])
-            return (ops.f32_as_u32(w0), ops.f32_as_u32(w1), ops.f32_as_u32(w2),
-                    ops.f32_as_u32(w3))
-    else:
-        pack = ops.pack_f16x2 if dtype_name == "float16" else ops.pack_bf16x2
+    if tiled:
+        assert EC == 8, dtype_name
+        return _build_convert_tiled(dtype_name, name)
+    # Wide and row-major: float32 (the tf32 backward's dq), one chunk of src per lane.
+    assert EC == 4, dtype_name
 
-        def chunk_words(src, b, row, h, e0, batch):
-            lo = ops.ld_global_nc_v4_u32(ops.global_addr(src, b, row, h, e0))
-            hi = ops.ld_global_nc_v4_u32(ops.global_addr(src, b, row, h, e0 + 4))
-            v = cuda.local.array(8, np.float32)
-            for i in range(4):
-                v[i] = ops.u32_as_f32(lo[i])
-                v[4 + i] = ops.u32_as_f32(hi[i])
-            for s in range(1, src.shape[0] // batch):
-                lo = ops.ld_global_nc_v4_u32(ops.global_addr(src, s * batch + b, row, h, e0))
-                hi = ops.ld_global_nc_v4_u32(ops.global_addr(src, s * batch + b, row, h, e0 + 4))
-                for i in range(4):
-                    v[i] += ops.u32_as_f32(lo[i])
-                    v[4 + i] += ops.u32_as_f32(hi[i])
-            return (pack(v[0], v[1]), pack(v[2], v[3]), pack(v[4], v[5]), pack(v[6], v[7]))
-
-    chunk_words_d = device(chunk_words)
-
-    @kernel(f"convert_wide_{dtype_name}", (dtype_name, wide))
+    @kernel(name, (dtype_name, wide, tiled))
     def convert_wide(src, dst):
         tid = cuda.threadIdx.x
         h = cuda.blockIdx.y
@@ -283,12 +280,68 @@ def build_convert(dtype_name: str, wide: bool = False):
         part = tid & (group - 1)
         step = ROW_THREADS // group
         stop = min(cuda.blockIdx.x * ROWS_PER_BLOCK + ROWS_PER_BLOCK, dst.shape[1])
+        v = cuda.local.array(4, np.float32)
         for row in range(cuda.blockIdx.x * ROWS_PER_BLOCK + tid // group, stop, step):
             for c in range(part, chunks, group):
-                w0, w1, w2, w3 = chunk_words_d(src, b, row, h, EC * c, batch)
-                ops.st_global_v4_u32(ops.global_addr(dst, b, row, h, EC * c), w0, w1, w2, w3)
+                load_floats(v, src, b, row, h, EC * c, batch, 1)
+                ops.st_global_v4_u32(ops.global_addr(dst, b, row, h, EC * c),
+                                     ops.f32_as_u32(v[0]), ops.f32_as_u32(v[1]),
+                                     ops.f32_as_u32(v[2]), ops.f32_as_u32(v[3]))
 
     return convert_wide
+
+
+@device
+def load_floats(v, src, b, row, h, e0, batch, n):
+    """v[:4 n] = the 4 n float32 of src[., row, h, e0:] (n 16-byte loads per slice),
+    summed over src's deterministic slices."""
+    for k in range(n):
+        x = ops.ld_global_nc_v4_u32(ops.global_addr(src, b, row, h, e0 + 4 * k))
+        for i in range(4):
+            v[4 * k + i] = ops.u32_as_f32(x[i])
+    for s in range(1, src.shape[0] // batch):
+        for k in range(n):
+            x = ops.ld_global_nc_v4_u32(ops.global_addr(src, s * batch + b, row, h, e0 + 4 * k))
+            for i in range(4):
+                v[4 * k + i] += ops.u32_as_f32(x[i])
+
+
+def _build_convert_tiled(dtype_name, name):
+    """The wide convert from a fragment-order accumulator: a group of lanes takes
+    accumulator row 8 i + g, which holds query rows 16 i + g and 16 i + 8 + g (see
+    ``dq_acc_place``); per lane 16 accumulator columns give 8 columns of each row."""
+    pack = ops.pack_f16x2 if dtype_name == "float16" else ops.pack_bf16x2
+    HALF = ROWS_PER_BLOCK // 2           # accumulator rows per block
+    assert ROWS_PER_BLOCK % 16 == 0
+
+    @kernel(name, (dtype_name, True, True))
+    def convert_tiled(src, dst):
+        tid = cuda.threadIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        batch = dst.shape[0]
+        seqlen = dst.shape[1]
+        chunks = dst.shape[3] // 8
+        group = chunk_group(chunks)
+        part = tid & (group - 1)
+        step = ROW_THREADS // group
+        first = cuda.blockIdx.x * HALF
+        v = cuda.local.array(16, np.float32)
+        for acc_row in range(first + tid // group, first + HALF, step):
+            row = (acc_row >> 3 << 4) + (acc_row & 7)
+            if row < seqlen:
+                for c in range(part, chunks, group):
+                    # Chunk k of the four holds (row, row + 8) x columns 8 c + 2 k, + 1.
+                    load_floats(v, src, b, acc_row, h, 16 * c, batch, 4)
+                    ops.st_global_v4_u32(ops.global_addr(dst, b, row, h, 8 * c),
+                                         pack(v[0], v[1]), pack(v[4], v[5]),
+                                         pack(v[8], v[9]), pack(v[12], v[13]))
+                    if row + 8 < seqlen:
+                        ops.st_global_v4_u32(ops.global_addr(dst, b, row + 8, h, 8 * c),
+                                             pack(v[2], v[3]), pack(v[6], v[7]),
+                                             pack(v[10], v[11]), pack(v[14], v[15]))
+
+    return convert_tiled
 
 
 @functools.lru_cache(maxsize=None)

@@ -54,7 +54,8 @@ from numba import cuda, from_dtype
 
 from .. import ops
 from ..config import BackwardMmaConfig, tile_row
-from .common import (NEG_INF, config_name, device, element_codec, kernel, make_key_tile_schedule,
+from .common import (NEG_INF, config_name, device, dq_acc_place, element_codec, kernel,
+                     make_key_tile_schedule,
                      query_tile_range, static_loop, tf32_split_rounding, tile_needs_mask)
 from .forward_mma import make_mma_tile_ops
 
@@ -69,8 +70,11 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
     on tf32 products with ``passes`` 1 or 3 as ``build_forward_mma``; see TF32 below);
     dk, dv in their storage type; stats float32
     (batch, nheads, 2, seqlen_q rounded up to block_m), see ``build_stats``; dq_accum
-    float32 like q, or (splits * batch, ...) for the deterministic mode (grid x =
-    splits, see kernels/backward.py), its head dim rounded up to a multiple of 8.
+    float32 (batch, rows, nheads, cols), or (splits * batch, ...) for the
+    deterministic mode (grid x = splits, see kernels/backward.py), with the head
+    dim rounded up to a multiple of 8: for tf32 row-major like q (rows seqlen_q,
+    cols the head dim), for 16 bits in fragment order (``dq_acc_place``: rows
+    seqlen_q rounded up to block_m, halved, cols twice the head dim).
     Launch with grid ``(ceil(seqlen_k / block_n), nheads_k, batch)``, ``cfg.threads``
     threads and ``cfg.backward_shared_bytes`` bytes of dynamic shared memory.
     """
@@ -432,41 +436,65 @@ def build_backward_mma(cfg: BackwardMmaConfig, dtype_name: str, causal: bool,
 
     store_tile = static_loop(SA1 * SA2, device(store_step))
 
-    def red_step(ab, dq, base, row8, rows_left, cols_left, checked):
-        """dq's block (a, b) added into the accumulator, two columns per reduction."""
-        a = ab // QA2
-        b = ab - a * QA2
-        for half in range(2):
-            n = 2 * b + half
-            col = np.int32(16 * QW2 * b + 8 * half)
-            for rh in range(2):
-                row = np.int32(16 * QW1 * a + 8 * rh)
-                at = base + (np.uint64(2 * QW1 * a + rh) * row8 + np.uint64(4 * col))
-                if not checked or (row < rows_left and col < cols_left):
-                    ops.red_add_f32x2(at, dq[a, n, 2 * rh], dq[a, n, 2 * rh + 1])
+    if TF32:
+        def red_step(ab, dq, base, row8, rows_left, cols_left, checked):
+            """dq's block (a, b) added into the row-major accumulator, two columns
+            per reduction."""
+            a = ab // QA2
+            b = ab - a * QA2
+            for half in range(2):
+                n = 2 * b + half
+                col = np.int32(16 * QW2 * b + 8 * half)
+                for rh in range(2):
+                    row = np.int32(16 * QW1 * a + 8 * rh)
+                    at = base + (np.uint64(2 * QW1 * a + rh) * row8 + np.uint64(4 * col))
+                    if not checked or (row < rows_left and col < cols_left):
+                        ops.red_add_f32x2(at, dq[a, n, 2 * rh], dq[a, n, 2 * rh + 1])
+    else:
+        def red_step(ab, dq, base, row8, rows_left, cols_left, checked):
+            """dq's block (a, b) added into the accumulator in fragment order
+            (``dq_acc_place``): a whole m16n8 result per reduction, its 8 columns at
+            16 of the accumulator's. Its rows are padded to whole query tiles:
+            only columns need a test."""
+            a = ab // QA2
+            b = ab - a * QA2
+            for half in range(2):
+                n = 2 * b + half
+                col = np.int32(16 * QW2 * b + 8 * half)
+                at = base + (np.uint64(QW1 * a) * row8 + np.uint64(8 * col))
+                if not checked or col < cols_left:
+                    ops.red_add_f32x4(at, dq[a, n, 0], dq[a, n, 1], dq[a, n, 2], dq[a, n, 3])
 
     red_steps = static_loop(QA1 * QA2, device(red_step))
+    acc_place = device(dq_acc_place)
+    ACC_COLS = 1 if TF32 else 2          # accumulator columns per dQ column
 
     def add_dq(dq, dq_accum, b, h, m0, seqlen_q, w1, w2, lane):
-        """dQ_i's share of this warp into the float32 accumulator with atomics, two
-        columns per reduction: the L2's atomic units were the backward's bottleneck
-        (79% busy with scalar atomics, ncu on the H100).
+        """dQ_i's share of this warp into the float32 accumulator with atomics, whole
+        fragments (16-bit; tf32: column pairs) per reduction: the L2's atomic units
+        were the backward's bottleneck (79% busy with scalar atomics, ncu on the
+        H100), and the vector reductions halved and then halved again their count.
 
-        One address per thread; each pair's offset from it is a constant times the row
-        stride or a constant. dq_accum is nbflash's own contiguous buffer and its head
-        dim a multiple of 8, so a pair is inside whole or not at all, and 8-byte
-        aligned. Addresses of rows past seqlen_q are formed but never used."""
+        One address per thread; each reduction's offset from it is a constant times
+        the row stride or a constant. dq_accum is nbflash's own contiguous buffer and
+        its head dim a multiple of 8, so a vector is inside whole or not at all, and
+        aligned. Addresses of rows past seqlen_q are formed but, in the unpadded
+        tf32 layout, never used."""
         g = lane >> 2
         t = lane & 3
         row = m0 + 16 * w1 + g
         col = 16 * w2 + 2 * t
-        base = ops.global_addr(dq_accum, b, row, h, 0) + np.uint64(4 * col)
+        if TF32:
+            acc_row, acc_col = row, col
+        else:
+            acc_row, acc_col = acc_place(row, col)
+        base = ops.global_addr(dq_accum, b, acc_row, h, acc_col)
         row8 = np.uint64(8 * dq_accum.strides[1])
         rows_left = np.int32(seqlen_q - row)
-        cols_left = np.int32(dq_accum.shape[3] - col)
+        cols_left = np.int32(dq_accum.shape[3] // ACC_COLS - col)
         # Interior tiles at full head dims need no tests; each cost a branch and a
         # reconvergence barrier per reduction in the SASS.
-        interior = m0 + BM <= seqlen_q and dq_accum.shape[3] == D
+        interior = (not TF32 or m0 + BM <= seqlen_q) and dq_accum.shape[3] == ACC_COLS * D
         if interior:
             red_steps(dq, base, row8, rows_left, cols_left, False)
         else:

@@ -107,6 +107,24 @@ def _then(first, body, i):
     return loop
 
 
+def dq_acc_place(row, col):
+    """``(acc_row, acc_col)``: where dQ[row, col] sits in the 16-bit tensor-core
+    backward's dQ accumulator, which is laid out in mma-fragment order.
+
+    An m16n8 result fragment gives lane (g, t) the four values (row g, cols 2t, 2t+1)
+    and (row g + 8, the same cols) of its 16-row block. The accumulator pairs rows
+    g and g + 8 of every 16 into one row of twice the columns, and within each 8
+    columns puts the lane's four values side by side, so that the backward adds a
+    whole fragment with one 16-byte reduction (``ops.red_add_f32x4``), where the
+    row-major layout took two of 8 bytes. Its shape is (rows rounded up to a
+    multiple of 16) / 2 by twice the (8-padded) head dim: rows 16 i + g and
+    16 i + 8 + g are row 8 i + g, and column 8 j + 2 p + e of row half h is column
+    16 j + 4 p + 2 h + e."""
+    acc_row = ((row >> 4) << 3) + (row & 7)
+    acc_col = ((col >> 3) << 4) + ((col & 6) << 1) + ((row & 8) >> 2) + (col & 1)
+    return acc_row, acc_col
+
+
 def make_key_tile_schedule(deterministic, block_n):
     """``schedule(b, batch, seqlen_k) -> (first, stop, step, dq_b)``: the key tiles a
     backward block handles (``range(first, stop, step)``) and the batch row of its
