@@ -114,17 +114,16 @@ def row_major_place(row, col):
 CHUNK_BYTES = 16
 
 
-@device
-def chunk_lanes(chunks):
-    """``(group, part, slot, step)``: this thread's place in a wide row kernel over rows
-    of ``chunks`` 16-byte chunks. ``group`` lanes take a row (the least power of two
-    >= chunks, at most a warp; longer rows loop), this thread is lane ``part`` of its
-    group, and the group takes the block's rows slot, slot + step, ..."""
+def _chunk_group(chunks):
+    """Lanes per row in a wide row kernel, for rows of ``chunks`` 16-byte chunks: the
+    least power of two >= chunks, at most a warp (larger rows loop)."""
     group = 1
     while group < chunks and group < 32:
         group *= 2
-    tid = cuda.threadIdx.x
-    return group, tid & (group - 1), tid // group, ROW_THREADS // group
+    return group
+
+
+chunk_group = device(_chunk_group)
 
 
 def make_chunk_dot(dtype_name):
@@ -168,7 +167,7 @@ def build_stats(dtype_name: str, tiled: bool = False):
     (unit stride, head dim a multiple of 8, 16-byte aligned rows), dq_accum float32
     with a head dim that is a multiple of 4, 16-byte aligned.
 
-    A group of lanes (``chunk_lanes``) takes a row, one 16-byte chunk of dO and of O
+    A group of ``_chunk_group`` lanes takes a row, one 16-byte chunk of dO and of O
     per lane (8 elements at 16 bits), and sums over the group; with 4-byte words per
     lane and a warp per row the pass ran at two thirds of FlashAttention-2's row
     kernel's bandwidth (ncu, H100). Every lane runs the same number of passes over
@@ -183,13 +182,16 @@ def build_stats(dtype_name: str, tiled: bool = False):
 
     @kernel(f"stats_{dtype_name}" + ("_tiled" if tiled else ""), (dtype_name, tiled))
     def stats_kernel(dout, out, lse, stats, dq_accum, scale):
+        tid = cuda.threadIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         seqlen_q = out.shape[1]
         batch = out.shape[0]
         chunks = out.shape[3] // EC
-        group, part, slot, step = chunk_lanes(chunks)
-        row0 = cuda.blockIdx.x * ROWS_PER_BLOCK + slot
+        group = chunk_group(chunks)
+        part = tid & (group - 1)
+        step = ROW_THREADS // group
+        row0 = cuda.blockIdx.x * ROWS_PER_BLOCK + tid // group
         for k in range((ROWS_PER_BLOCK + step - 1) // step):
             row = row0 + k * step
             total = np.float32(0.0)
@@ -202,13 +204,13 @@ def build_stats(dtype_name: str, tiled: bool = False):
                 total += ops.shfl_xor(total, width)
                 width >>= 1
             if row < (stats.shape[3] if tiled else seqlen_q):
-                acc_row, first, cols = row, 0, dq_accum.shape[3]
+                acc_row, first, width = row, 0, dq_accum.shape[3]
                 if tiled:
-                    cols >>= 1
+                    width >>= 1
                     acc_row, _ = acc_place(row, 0)
-                    first = (row >> 3 & 1) * cols
+                    first = (row >> 3 & 1) * width
                 for s in range(dq_accum.shape[0] // batch):     # deterministic slices
-                    for c in range(part, cols // 4, group):
+                    for c in range(part, width // 4, group):
                         ops.st_global_v4_u32(
                             ops.global_addr(dq_accum, s * batch + b, acc_row, h, first + 4 * c),
                             ZERO, ZERO, ZERO, ZERO)
@@ -269,14 +271,17 @@ def build_convert(dtype_name: str, wide: bool = False, tiled: bool = False):
 
     @kernel(name, (dtype_name, wide, tiled))
     def convert_wide(src, dst):
+        tid = cuda.threadIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         batch = dst.shape[0]
         chunks = dst.shape[3] // EC
-        group, part, slot, step = chunk_lanes(chunks)
+        group = chunk_group(chunks)
+        part = tid & (group - 1)
+        step = ROW_THREADS // group
         stop = min(cuda.blockIdx.x * ROWS_PER_BLOCK + ROWS_PER_BLOCK, dst.shape[1])
         v = cuda.local.array(4, np.float32)
-        for row in range(cuda.blockIdx.x * ROWS_PER_BLOCK + slot, stop, step):
+        for row in range(cuda.blockIdx.x * ROWS_PER_BLOCK + tid // group, stop, step):
             for c in range(part, chunks, group):
                 load_floats(v, src, b, row, h, EC * c, batch, 1)
                 ops.st_global_v4_u32(ops.global_addr(dst, b, row, h, EC * c),
@@ -311,15 +316,18 @@ def _build_convert_tiled(dtype_name, name):
 
     @kernel(name, (dtype_name, True, True))
     def convert_tiled(src, dst):
+        tid = cuda.threadIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         batch = dst.shape[0]
         seqlen = dst.shape[1]
         chunks = dst.shape[3] // 8
-        group, part, slot, step = chunk_lanes(chunks)
+        group = chunk_group(chunks)
+        part = tid & (group - 1)
+        step = ROW_THREADS // group
         first = cuda.blockIdx.x * HALF
         v = cuda.local.array(16, np.float32)
-        for acc_row in range(first + slot, first + HALF, step):
+        for acc_row in range(first + tid // group, first + HALF, step):
             row = (acc_row >> 3 << 4) + (acc_row & 7)
             if row < seqlen:
                 for c in range(part, chunks, group):
