@@ -14,8 +14,9 @@ the GQA group and every query tile i that sees the keys:
     dV_j += P^T dO_i                    } warps in the dK/dV grid (keys x head dim)
     dK_j += dS^T Q_i                    }
     dQ_i += dS K_j                      } warps in the dQ grid (queries x head dim),
-                                          float32 atomic adds of column pairs into
-                                          the dQ accumulator
+                                          float32 atomic adds of whole mma results
+                                          (tf32: column pairs) into the dQ
+                                          accumulator, see ``add_dq``
 
 with c = softmax_scale * log2(e). Each product has its own warp grid
 (``config.BackwardMmaConfig``): a warp's share of a product is a set of whole
