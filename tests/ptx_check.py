@@ -3,11 +3,23 @@
 Run as a script (``python tests/ptx_check.py``), never under the simulator: it
 builds PTX with ``numba.cuda.compile_ptx`` and links it with nvJitLink, which needs
 ``numba-cuda[cu13]`` but no GPU or driver. Prints one JSON line per kernel:
-name, registers, spill bytes, and which instructions the PTX holds.
+name, registers, spill bytes, and which instructions the PTX holds; with nvdisasm at
+hand (the ``nvidia-cuda-nvdisasm`` wheel of the ``ptx`` extra, or on PATH) also the
+machine code's (SASS) tensor-core, ldmatrix, async-copy and local-memory instructions.
+
+``python tests/ptx_check.py --sass "backward_mma float16 d128 full"`` prints the
+SASS instruction mix of the first kernel whose name holds the text, per line of the
+kernel source (with line info: device functions count at their call's line), and
+writes the SASS beside it to ``/tmp/nbflash-sass/``. Static counts: code in a branch
+counts whether or not it runs.
 """
+import collections
 import json
 import os
+import pathlib
 import re
+import shutil
+import subprocess
 import sys
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
@@ -26,16 +38,99 @@ _dispatcher.get_current_device = lambda: _SM90()
 from numba import cuda  # noqa: E402
 
 
-def link_log(ptx):
+def link(ptx, lineinfo=False):
+    """``(log, cubin)``: ptxas's verbose log and the sm_90 machine code of ``ptx``."""
     from cuda.bindings import nvjitlink
-    h = nvjitlink.create(2, ["-arch=sm_90", "-verbose"])
+    h = nvjitlink.create(3 if lineinfo else 2,
+                         ["-arch=sm_90", "-verbose"] + (["-lineinfo"] if lineinfo else []))
     data = ptx.encode()
     nvjitlink.add_data(h, nvjitlink.InputType.PTX, data, len(data), "kernel.ptx")
     nvjitlink.complete(h)
     buf = bytearray(nvjitlink.get_info_log_size(h))
     nvjitlink.get_info_log(h, buf)
+    cubin = bytearray(nvjitlink.get_linked_cubin_size(h))
+    nvjitlink.get_linked_cubin(h, cubin)
     nvjitlink.destroy(h)
-    return buf.decode(errors="replace")
+    return buf.decode(errors="replace"), bytes(cubin)
+
+
+def link_log(ptx):
+    return link(ptx)[0]
+
+
+def nvdisasm_path():
+    """nvdisasm from the nvidia-cuda-nvdisasm wheel or PATH, or None."""
+    try:
+        import nvidia.cu13
+        wheel = pathlib.Path(list(nvidia.cu13.__path__)[0]) / "bin" / "nvdisasm"
+        if wheel.exists():
+            return str(wheel)
+    except ImportError:
+        pass
+    return shutil.which("nvdisasm")
+
+
+def disassemble(cubin, lineinfo=False):
+    """The SASS text of ``cubin`` (nvdisasm; ``-g`` adds source-line comments)."""
+    path = pathlib.Path("/tmp/nbflash-sass")
+    path.mkdir(exist_ok=True)
+    (path / "kernel.cubin").write_bytes(cubin)
+    done = subprocess.run([nvdisasm_path(), "-c"] + (["-g"] if lineinfo else [])
+                          + [str(path / "kernel.cubin")], capture_output=True, text=True,
+                          check=True)
+    return done.stdout
+
+
+#: One SASS instruction: its address comment, an optional predicate, the opcode.
+SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+SASS_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+
+
+def sass_ops(sass):
+    """[(source file name or None, line or None, opcode)] for each instruction."""
+    where, out = (None, None), []
+    for text in sass.splitlines():
+        m = SASS_LINE.search(text)
+        if m:
+            where = (os.path.basename(m.group(1)), int(m.group(2)))
+            continue
+        m = SASS_OP.search(text)
+        if m:
+            out.append((*where, m.group(1)))
+    return out
+
+
+def sass_counts(sass):
+    """Counts of the instructions the tensor-core kernels are meant to use, and of
+    local-memory ones (spills)."""
+    ops = collections.Counter(op for _, _, op in sass_ops(sass))
+    return {"sass_hmma": ops["HMMA"], "sass_ldsm": ops["LDSM"], "sass_ldgsts": ops["LDGSTS"],
+            "sass_local": ops["LDL"] + ops["STL"], "sass_total": sum(ops.values())}
+
+
+def sass_report(name_part):
+    """Prints the SASS instruction mix per kernel-source line of the first kernel whose
+    name holds ``name_part``."""
+    for name, dispatcher, sig in kernels():
+        if name_part in name:
+            break
+    else:
+        raise SystemExit(f"no kernel named like {name_part!r}")
+    if nvdisasm_path() is None:
+        raise SystemExit("no nvdisasm: pip install nvidia-cuda-nvdisasm (the ptx extra)")
+    ptx, _ = cuda.compile_ptx(dispatcher.py_func, sig, cc=(9, 0), lineinfo=True)
+    log, cubin = link(ptx, lineinfo=True)
+    sass = disassemble(cubin, lineinfo=True)
+    out = pathlib.Path("/tmp/nbflash-sass") / (re.sub(r"\W+", "_", name) + ".sass")
+    out.write_text(sass)
+    print(name, json.dumps({**resources(log), **sass_counts(sass)}))
+    print(f"SASS: {out}")
+    per_line = collections.defaultdict(collections.Counter)
+    for file, line, op in sass_ops(sass):
+        per_line[file, line][op] += 1
+    for (file, line), ops in sorted(per_line.items(), key=lambda x: (str(x[0][0]), x[0][1] or 0)):
+        top = ", ".join(f"{op} {n}" for op, n in ops.most_common(6))
+        print(f"{file}:{line}  {sum(ops.values()):5d}  {top}")
 
 
 def resources(log):
@@ -106,9 +201,13 @@ def main(names=None):
         if names and not any(n in name for n in names):
             continue
         ptx, _ = cuda.compile_ptx(dispatcher.py_func, sig, cc=(9, 0), lineinfo=False)
-        info = {"kernel": name, **resources(link_log(ptx)),
+        log, cubin = link(ptx)
+        info = {"kernel": name, **resources(log),
                 "mma_sync": ptx.count("mma.sync.aligned"), "ldmatrix": ptx.count("ldmatrix"),
-                "cp_async": ptx.count("cp.async.cg"), "local_ld_st": len(re.findall(r"\b(ld|st)\.local", ptx))}
+                "cp_async": ptx.count("cp.async.cg"),
+                "local_ld_st": len(re.findall(r"\b(ld|st)\.local", ptx))}
+        if nvdisasm_path():
+            info.update(sass_counts(disassemble(cubin)))
         print(json.dumps(info), flush=True)
         results.append(info)
     return results
@@ -183,5 +282,7 @@ def cache_keys(compile_first=None):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--cache-keys"]:
         print(json.dumps(cache_keys(*sys.argv[2:3])))
+    elif sys.argv[1:2] == ["--sass"]:
+        sass_report(sys.argv[2])
     else:
         main(sys.argv[1:])
