@@ -21,8 +21,11 @@ step "precompile (float16, bfloat16; every head-dim bucket)" 200 bash -c "$PY -m
   --dtypes float16 bfloat16 --head-dims 32 64 96 128 256 --deterministic both \
   > $OUT/precompile.txt 2>&1; rc=\$?; tail -4 $OUT/precompile.txt; exit \$rc"
 # Without the precompile the suite ran past 250 s at 95% (2026-12-07, 16 workers).
-step "gpu tests" 320 bash -c "$PY -m pytest -q -n 16 -m gpu tests -W ignore::Warning \
-  > $OUT/pytest.txt 2>&1; rc=\$?; tail -15 $OUT/pytest.txt; exit \$rc"
+# -v: each result on its own line as it comes, so a run cut at its limit still names
+# the tests that failed (a -q run cut short showed one F and no name, 2026-12-07).
+step "gpu tests" 320 bash -c "$PY -m pytest -v -n 16 -m gpu tests -W ignore::Warning \
+  > $OUT/pytest.txt 2>&1; rc=\$?; tail -8 $OUT/pytest.txt; \
+  grep -E '(FAILED|ERROR) ' $OUT/pytest.txt | head -20; exit \$rc"
 step "compute-sanitizer (float16)" 60 \
   $PY tests/gpu/sanitize.py --tools memcheck racecheck --jobs 16 -- --filter float16 \
   --max-cases 24
