@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
 
@@ -41,8 +42,8 @@ from numba import cuda  # noqa: E402
 def link(ptx, lineinfo=False):
     """``(log, cubin)``: ptxas's verbose log and the sm_90 machine code of ``ptx``."""
     from cuda.bindings import nvjitlink
-    h = nvjitlink.create(3 if lineinfo else 2,
-                         ["-arch=sm_90", "-verbose"] + (["-lineinfo"] if lineinfo else []))
+    options = ["-arch=sm_90", "-verbose"] + (["-lineinfo"] if lineinfo else [])
+    h = nvjitlink.create(len(options), options)
     data = ptx.encode()
     nvjitlink.add_data(h, nvjitlink.InputType.PTX, data, len(data), "kernel.ptx")
     nvjitlink.complete(h)
@@ -70,14 +71,14 @@ def nvdisasm_path():
     return shutil.which("nvdisasm")
 
 
-def disassemble(cubin, lineinfo=False):
-    """The SASS text of ``cubin`` (nvdisasm; ``-g`` adds source-line comments)."""
-    path = pathlib.Path("/tmp/nbflash-sass")
-    path.mkdir(exist_ok=True)
-    (path / "kernel.cubin").write_bytes(cubin)
-    done = subprocess.run([nvdisasm_path(), "-c"] + (["-g"] if lineinfo else [])
-                          + [str(path / "kernel.cubin")], capture_output=True, text=True,
-                          check=True)
+def disassemble(nvdisasm, cubin, lineinfo=False):
+    """The SASS text of ``cubin`` (``-g`` adds source-line comments). The cubin goes
+    through a private temporary file, so that runs side by side do not share one."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = pathlib.Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        done = subprocess.run([nvdisasm, "-c"] + (["-g"] if lineinfo else []) + [str(path)],
+                              capture_output=True, text=True, check=True)
     return done.stdout
 
 
@@ -116,12 +117,15 @@ def sass_report(name_part):
             break
     else:
         raise SystemExit(f"no kernel named like {name_part!r}")
-    if nvdisasm_path() is None:
+    nvdisasm = nvdisasm_path()
+    if nvdisasm is None:
         raise SystemExit("no nvdisasm: pip install nvidia-cuda-nvdisasm (the ptx extra)")
     ptx, _ = cuda.compile_ptx(dispatcher.py_func, sig, cc=(9, 0), lineinfo=True)
     log, cubin = link(ptx, lineinfo=True)
-    sass = disassemble(cubin, lineinfo=True)
-    out = pathlib.Path("/tmp/nbflash-sass") / (re.sub(r"\W+", "_", name) + ".sass")
+    sass = disassemble(nvdisasm, cubin, lineinfo=True)
+    out = pathlib.Path("/tmp/nbflash-sass")
+    out.mkdir(exist_ok=True)
+    out /= re.sub(r"\W+", "_", name) + ".sass"
     out.write_text(sass)
     print(name, json.dumps({**resources(log), **sass_counts(sass)}))
     print(f"SASS: {out}")
@@ -197,6 +201,7 @@ def kernels():
 
 def main(names=None):
     results = []
+    nvdisasm = nvdisasm_path()
     for name, dispatcher, sig in kernels():
         if names and not any(n in name for n in names):
             continue
@@ -206,8 +211,8 @@ def main(names=None):
                 "mma_sync": ptx.count("mma.sync.aligned"), "ldmatrix": ptx.count("ldmatrix"),
                 "cp_async": ptx.count("cp.async.cg"),
                 "local_ld_st": len(re.findall(r"\b(ld|st)\.local", ptx))}
-        if nvdisasm_path():
-            info.update(sass_counts(disassemble(cubin)))
+        if nvdisasm:
+            info.update(sass_counts(disassemble(nvdisasm, cubin)))
         print(json.dumps(info), flush=True)
         results.append(info)
     return results
